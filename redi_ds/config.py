@@ -1,0 +1,421 @@
+"""One typed config tree: YAML recipes + dotted CLI overrides, validated before any compute.
+
+A recipe file has shared sections (``run``, ``model``, ``data``, ``train``, ``loss``, ``kernel``,
+``deepspeed``, ``tracking``) and a ``stages`` mapping whose entries override them per stage::
+
+    model: {name_or_path: Qwen/Qwen2.5-Math-1.5B}
+    stages:
+      sft:  {train: {lr: 5.0e-5}, loss: {name: sft}}
+      redi: {train: {lr: 1.0e-6}, loss: {name: redi, alpha: 0.8}}
+
+``load_config("paper", stage="redi", overrides=["--loss.alpha", "0.5"])`` returns the resolved
+:class:`Config`. Unknown keys and wrong types raise :class:`ConfigError` with a one-line message
+naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+PAPER_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem; its message is one line."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs/run"  # each stage writes under {output_dir}/{stage}
+    seed: int = 42
+    resume: str = "auto"  # auto: resume when the stage dir holds a complete checkpoint; never; or a path
+
+
+@dataclass
+class TinyModelConfig:
+    """The embedded default: a Qwen2-architecture model built from this config (no download)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 192
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vocab_size: int = 151936
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny"  # "tiny", a hub name, or a local HF folder (e.g. an SFT export)
+    tokenizer: Optional[str] = None  # None: the model's own; "qwen2.5": the bundled Qwen2.5 tokenizer; or a path
+    chat_template: Optional[str] = None  # None: the tokenizer's own; "qwen2.5-math"; or a .jinja path
+    sft_if_missing: bool = False  # when name_or_path is a missing SFT export, run the sft stage first
+    attn_implementation: str = "auto"  # auto: flash_attention_2 when installed on CUDA, else sdpa
+    liger: str = "auto"  # auto | on | off: Liger-Kernel's Qwen2 body kernels (RMSNorm, RoPE, SwiGLU) on CUDA
+    gradient_checkpointing: bool = False
+    rope_theta: Optional[float] = None  # override the model config's value
+    max_position_embeddings: Optional[int] = None
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # JSONL file, save_to_disk folder, a prepare output folder, "synthetic", or an HF dataset name
+    split: str = "train"
+    system_prompt: Optional[str] = PAPER_SYSTEM_PROMPT  # None: no system turn beyond the template's default
+    max_prompt_length: int = 800  # tokens; longer examples are skipped and counted
+    max_length: int = 4096  # prompt + response tokens; longer examples are skipped and counted
+    padding_free: bool = False  # pack a micro batch into one row with position_ids
+    shuffle: bool = True
+    limit: int = 0  # >0: use only the first N examples (after loading)
+    synthetic_size: int = 256  # examples the procedural teacher writes when path == "synthetic"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int = 0  # >0 caps the number of optimizer steps
+    global_batch_size: int = 8  # examples (SFT rows or pairs) per optimizer step across all ranks
+    micro_batch_size: int = 1  # examples per rank per forward
+    lr: float = 1e-5
+    min_lr_ratio: float = 0.0
+    schedule: str = "linear"  # linear | cosine | constant
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    log_every: int = 1
+    save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 2
+    export: bool = True  # HF-format export (safetensors + tokenizer) at the end
+    stop_after_steps: int = 0  # testing aid: exit cleanly (with a checkpoint) after N steps, like a preemption
+
+
+@dataclass
+class LossConfig:
+    name: str = "redi"  # sft | redi | dpo | simpo
+    alpha: float = 0.8  # REDI: weight of the rejected term
+    beta: float = 0.1  # DPO / SimPO temperature
+    gamma: float = 1.0  # SimPO target reward margin, subtracted inside the sigmoid
+
+
+@dataclass
+class KernelConfig:
+    impl: str = "auto"  # auto | torch | triton | reference (the unfused logits path)
+    chunk_size: int = 1024  # tokens per block for the torch twin
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = "zero3"  # name in ds_configs/ (zero3, zero2, zero3_offload) or a JSON path
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    zero: dict = field(default_factory=dict)  # merged into zero_optimization (e.g. stage3_param_persistence_threshold)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///{output_dir}/mlflow.db
+    experiment: str = "redi-ds"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: list[str] = field(default_factory=list)  # evaluated on the export at the end of training
+    samples: int = 1
+    max_new_tokens: int = 512
+    limit: int = 0
+
+
+@dataclass
+class Config:
+    stage: str = "redi"
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def stage_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.stage
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, obj: Any) -> None:
+            if isinstance(obj, dict) and obj:
+                for k, v in obj.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = obj
+
+        walk("", self.to_dict())
+        return out
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def config_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("redi_ds.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _locate(name_or_path: str) -> tuple[str, str]:
+    """Return (source label, YAML text) for a bundled config name or a file path."""
+    if os.path.exists(name_or_path):
+        return name_or_path, Path(name_or_path).read_text(encoding="utf-8")
+    res = resources.files("redi_ds.configs").joinpath(f"{name_or_path}.yaml")
+    if res.is_file():
+        return f"redi_ds/configs/{name_or_path}.yaml", res.read_text(encoding="utf-8")
+    raise ConfigError(f"config {name_or_path!r}: no such file and no bundled config of that name "
+                      f"(bundled: {', '.join(config_names())})")
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override --{dotted}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
+    """``["--loss.alpha", "0.5", "--train.lr=1e-6"]`` -> ``[("loss.alpha", 0.5), ("train.lr", 1e-6)]``."""
+    out: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--") or len(tok) < 3:
+            raise ConfigError(f"unexpected argument {tok!r}: overrides look like --section.key value")
+        key = tok[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"override --{key} has no value")
+            raw = argv[i + 1]
+            i += 2
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key, value))
+    return out
+
+
+def load_config(name_or_path: str = "tiny", stage: Optional[str] = None,
+                overrides: Optional[list[str]] = None) -> Config:
+    source, text = _locate(name_or_path)
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping")
+    stages = raw.pop("stages", {}) or {}
+    if not isinstance(stages, dict):
+        raise ConfigError(f"{source}: 'stages' must be a mapping of stage name -> overrides")
+    if stage is None:
+        stage = raw.get("stage") or next(iter(stages), "redi")
+    if stages and stage not in stages:
+        raise ConfigError(f"{source}: no stage {stage!r} (stages: {', '.join(stages)})")
+    merged = _deep_merge(raw, stages.get(stage) or {})
+    merged["stage"] = stage
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(merged, key, value)
+    cfg = from_dict(Config, merged, source=source)
+    validate(cfg, source)
+    cfg._source = source  # type: ignore[attr-defined]
+    cfg._stages = list(stages)  # type: ignore[attr-defined]
+    return cfg
+
+
+def stage_names(name_or_path: str) -> list[str]:
+    source, text = _locate(name_or_path)
+    return list((yaml.safe_load(text) or {}).get("stages", {}) or {})
+
+
+# ----------------------------------------------------------------------------- typing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a section (mapping), got {value!r}")
+        return from_dict(tp, value, prefix=where)
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            if isinstance(value, str):  # "a,b" on the command line
+                value = [v for v in value.split(",") if v]
+            else:
+                raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "5e-5" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def from_dict(cls: type, data: dict, *, source: str = "", prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = ", ".join(sorted(names))
+            raise ConfigError(f"{source + ': ' if source else ''}unknown key {where!r} (known here: {close})")
+        try:
+            kwargs[key] = _coerce(hints[key], value, where)
+        except ConfigError as e:
+            msg = str(e)
+            raise ConfigError(f"{source}: {msg}" if source and not msg.startswith(source) else msg) from None
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- validation
+
+_CHOICES = {
+    "run.resume": None,
+    "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
+    "model.liger": ("auto", "on", "off"),
+    "train.schedule": ("linear", "cosine", "constant"),
+    "kernel.impl": ("auto", "torch", "triton", "reference"),
+    "deepspeed.precision": ("auto", "bf16", "fp16", "fp32"),
+}
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    def fail(msg: str) -> None:
+        raise ConfigError(f"{source}: {msg}")
+
+    for dotted, choices in _CHOICES.items():
+        if choices is None:
+            continue
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            fail(f"{dotted} = {value!r}; expected one of {', '.join(choices)}")
+    from redi_ds.losses import LOSSES  # light: pure torch-free registry names
+
+    if cfg.loss.name not in LOSSES:
+        fail(f"loss.name = {cfg.loss.name!r}; expected one of {', '.join(sorted(LOSSES))}")
+    if not 0.0 <= cfg.loss.alpha <= 1.0:
+        fail(f"loss.alpha = {cfg.loss.alpha}; REDI's alpha lies in [0, 1]")
+    t = cfg.train
+    if t.lr <= 0:
+        fail(f"train.lr = {t.lr}; must be > 0")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        fail(f"train.warmup_ratio = {t.warmup_ratio}; must be in [0, 1)")
+    if t.micro_batch_size < 1 or t.global_batch_size < 1:
+        fail("train.micro_batch_size and train.global_batch_size must be >= 1")
+    if t.global_batch_size % t.micro_batch_size:
+        fail(f"train.global_batch_size ({t.global_batch_size}) is not a multiple of "
+             f"train.micro_batch_size ({t.micro_batch_size})")
+    if t.epochs < 1 and t.max_steps < 1:
+        fail("train.epochs or train.max_steps must be >= 1")
+    if len(t.adam_betas) != 2:
+        fail("train.adam_betas must have two values")
+    d = cfg.data
+    if not d.path:
+        fail("data.path is empty")
+    if d.max_prompt_length < 1 or d.max_length <= d.max_prompt_length:
+        fail(f"data.max_length ({d.max_length}) must exceed data.max_prompt_length ({d.max_prompt_length})")
+    if cfg.kernel.chunk_size < 1:
+        fail("kernel.chunk_size must be >= 1")
+
+
+def grad_accum_steps(cfg: Config, world_size: int) -> int:
+    """Accumulation steps so that micro * accum * world == global; a one-line error otherwise."""
+    t = cfg.train
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        src = getattr(cfg, "_source", "config")
+        raise ConfigError(
+            f"{src}: train.global_batch_size ({t.global_batch_size}) is not divisible by "
+            f"train.micro_batch_size ({t.micro_batch_size}) x world size ({world_size})")
+    return t.global_batch_size // per_step
+
+
+def save_config(cfg: Config, path: os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

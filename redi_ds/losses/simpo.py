@@ -1,0 +1,31 @@
+"""SimPO (Meng et al. 2024), the paper's baseline: reference-free, length-normalised, with a margin.
+
+    L = mean_b -log sigmoid( beta * lp(y+)/|y+| - beta * lp(y-)/|y-| - gamma )
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from redi_ds.losses.base import SequenceLoss, register_loss
+
+
+@register_loss
+class SimPOLoss(SequenceLoss):
+    name = "simpo"
+
+    def __init__(self, beta: float = 2.0, gamma: float = 1.0):
+        super().__init__()
+        self.beta, self.gamma = float(beta), float(gamma)
+
+    @classmethod
+    def from_config(cls, loss_cfg):
+        return cls(beta=loss_cfg.beta, gamma=loss_cfg.gamma)
+
+    def forward(self, logps, counts, ref_logps=None):
+        c, r = self.split_pairs(logps / counts.to(logps.dtype))
+        logits = self.beta * (c - r) - self.gamma
+        loss = -F.logsigmoid(logits).mean()
+        metrics = self.pair_metrics(logps, counts)
+        metrics["reward_accuracy"] = (logits > 0).float().mean().detach()
+        return loss, metrics
