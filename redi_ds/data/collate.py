@@ -1,0 +1,67 @@
+"""Collation: padded rows or one padding-free packed row, with the targets already shifted.
+
+A batch holds S sequences (SFT: the B rows; pairs: chosen_1..chosen_B then rejected_1..rejected_B) and:
+
+    input_ids    [R, T]   R = S (padded, right padding) or 1 (padding-free: all sequences in one row)
+    position_ids [R, T]   restarting at 0 for every sequence
+    attention_mask [R, T] padded mode only (None when packed: the model sees sequence starts in position_ids)
+    targets      [R, T]   targets[t] = input_ids[t + 1] where that token is a response token, else -100
+    seq_ids      [R, T]   packed mode: the sequence index of each position (None when padded: row = sequence)
+    num_seqs     S
+
+so the head computes log p(targets[t] | prefix up to t) at every position t, and per-sequence sums are
+over non-ignored targets: exactly the response tokens (end-of-turn included).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from redi_ds.kernels.reference import IGNORE_INDEX
+
+
+def _sequences(examples: list[dict], kind: str) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) per sequence, in the order the losses expect."""
+    if kind == "sft":
+        return [(e["prompt_ids"] + e["response_ids"], len(e["prompt_ids"])) for e in examples]
+    chosen = [(e["prompt_ids"] + e["chosen_ids"], len(e["prompt_ids"])) for e in examples]
+    rejected = [(e["prompt_ids"] + e["rejected_ids"], len(e["prompt_ids"])) for e in examples]
+    return chosen + rejected
+
+
+def _shifted_targets(ids: list[int], prompt_len: int) -> list[int]:
+    # position t predicts ids[t+1]; only response tokens (index >= prompt_len) are targets
+    return [ids[t + 1] if t + 1 >= prompt_len else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
+
+
+def collate(examples: list[dict], kind: str, pad_id: int, padding_free: bool = False) -> dict:
+    seqs = _sequences(examples, kind)
+    if padding_free:
+        ids = [t for s, _ in seqs for t in s]
+        pos = [i for s, _ in seqs for i in range(len(s))]
+        tgt = [t for s, p in seqs for t in _shifted_targets(s, p)]
+        sid = [k for k, (s, _) in enumerate(seqs) for _ in s]
+        as_row = lambda x: torch.tensor([x], dtype=torch.long)  # noqa: E731
+        return {"input_ids": as_row(ids), "position_ids": as_row(pos), "attention_mask": None,
+                "targets": as_row(tgt), "seq_ids": as_row(sid), "num_seqs": len(seqs)}
+    width = max(len(s) for s, _ in seqs)
+    n = len(seqs)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    targets = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, (s, p) in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        targets[i, : len(s)] = torch.tensor(_shifted_targets(s, p))
+        mask[i, : len(s)] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask,
+            "targets": targets, "seq_ids": None, "num_seqs": n}
+
+
+def token_counts(batch: dict) -> torch.Tensor:
+    """Target tokens per sequence [S], known before the forward pass."""
+    valid = batch["targets"] != IGNORE_INDEX
+    if batch["seq_ids"] is None:
+        return valid.sum(-1)
+    return torch.zeros(batch["num_seqs"], dtype=torch.long).index_add(
+        0, batch["seq_ids"].reshape(-1), valid.reshape(-1).long())

@@ -1,0 +1,203 @@
+"""Model loading and the body/head split.
+
+    PolicyModel(batch, coeffs) ─> body (the HF model without its LM head) ─> hidden [R, T, H]
+                               ─> FusedHead (owns lm_head.weight)       ─> per-sequence log-prob sums
+
+The head's loss runs inside ``FusedHead.forward``: under ZeRO-3, DeepSpeed's module hooks gather
+``lm_head.weight`` for exactly that call and reduce-scatter its gradient afterwards, tied embeddings
+included (the head holds the very Parameter the embedding holds, so both gradients accumulate on it).
+No [tokens x vocab] logits are made unless ``kernel.impl: reference``.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from redi_ds.config import ConfigError, KernelConfig, ModelConfig
+
+BUNDLED_TOKENIZERS = {"qwen2.5": "assets/tokenizer/qwen2.5"}
+BUNDLED_TEMPLATES = {
+    "qwen2.5-math": "assets/tokenizer/qwen2.5/chat_template_qwen2.5_math.jinja",
+    "qwen2.5-math-force-think": "assets/tokenizer/qwen2.5/chat_template_qwen2.5_math_redi_force_think.jinja",
+}
+
+
+def _bundled(rel: str) -> str:
+    return str(resources.files("redi_ds").joinpath(rel))
+
+
+def resolve_model_path(name_or_path: str, output_dir: str) -> str:
+    """``@sft`` -> ``{output_dir}/sft/export`` (REDI starts from the SFT export)."""
+    if name_or_path.startswith("@"):
+        return str(Path(output_dir) / name_or_path[1:] / "export")
+    return name_or_path
+
+
+def load_tokenizer(model_cfg: ModelConfig, model_path: str):
+    from transformers import AutoTokenizer
+
+    src = model_cfg.tokenizer
+    if src is None:
+        src = "qwen2.5" if model_path == "tiny" else model_path
+    src = _bundled(BUNDLED_TOKENIZERS[src]) if src in BUNDLED_TOKENIZERS else src
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"model.tokenizer: cannot load {src!r} ({type(e).__name__})") from None
+    if model_cfg.chat_template:
+        t = model_cfg.chat_template
+        path = _bundled(BUNDLED_TEMPLATES[t]) if t in BUNDLED_TEMPLATES else t
+        if not os.path.isfile(path):
+            raise ConfigError(f"model.chat_template: {t!r} is neither a bundled template "
+                              f"({', '.join(BUNDLED_TEMPLATES)}) nor a file")
+        tok.chat_template = Path(path).read_text(encoding="utf-8")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _attn_impl(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def build_model(model_cfg: ModelConfig, model_path: str, dtype: torch.dtype, seed: int = 0):
+    """An HF causal LM: the tiny default built from its config, or from_pretrained(path or hub name)."""
+    import transformers
+
+    attn = _attn_impl(model_cfg.attn_implementation)
+    if model_path == "tiny":
+        t = model_cfg.tiny
+        config = transformers.Qwen2Config(
+            hidden_size=t.hidden_size, intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
+            num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
+            vocab_size=t.vocab_size, max_position_embeddings=t.max_position_embeddings, rope_theta=t.rope_theta,
+            tie_word_embeddings=t.tie_word_embeddings, bos_token_id=151643, eos_token_id=151645,
+        )
+        _override_rope(config, model_cfg)
+        torch.manual_seed(seed)  # every rank builds the same initial weights
+        model = transformers.Qwen2ForCausalLM._from_config(config, attn_implementation=attn, dtype=dtype)
+    else:
+        if os.path.sep in model_path and not os.path.isdir(model_path):
+            raise ConfigError(f"model.name_or_path: {model_path!r} does not exist")
+        config = transformers.AutoConfig.from_pretrained(model_path)
+        _override_rope(config, model_cfg)
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                model_path, config=config, dtype=dtype, attn_implementation=attn)
+        except OSError as e:
+            raise ConfigError(f"model.name_or_path: cannot load {model_path!r} ({str(e).splitlines()[0]})") from None
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def _override_rope(config, model_cfg: ModelConfig) -> None:
+    if model_cfg.rope_theta is not None:
+        config.rope_theta = model_cfg.rope_theta
+        rp = getattr(config, "rope_parameters", None)
+        if isinstance(rp, dict):
+            rp["rope_theta"] = model_cfg.rope_theta
+    if model_cfg.max_position_embeddings is not None:
+        config.max_position_embeddings = model_cfg.max_position_embeddings
+
+
+def apply_liger(model, mode: str) -> bool:
+    """Liger-Kernel's Qwen2 body kernels (RMSNorm, RoPE, SwiGLU; not its cross-entropy) on CUDA."""
+    if mode == "off" or not torch.cuda.is_available():
+        if mode == "on" and not torch.cuda.is_available():
+            raise ConfigError("model.liger: on needs CUDA")
+        return False
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+    except ImportError:
+        if mode == "on":
+            raise ConfigError("model.liger: on, but liger-kernel is not installed (pip install redi-ds[gpu])")
+        return False
+    apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=model)
+    return True
+
+
+class FusedHead(nn.Module):
+    """Replaces ``lm_head``: holds the same weight (and bias) Parameters, computes log-probs, not logits."""
+
+    def __init__(self, lm_head: nn.Linear, kernel: KernelConfig):
+        super().__init__()
+        self.weight = lm_head.weight
+        self.bias = lm_head.bias
+        self.impl = kernel.impl
+        self.chunk_size = kernel.chunk_size
+
+    def forward(self, hidden, targets, seq_ids=None, num_seqs=None, coeffs=None):
+        """Returns (loss or None, sums [S], counts [S]). With ``coeffs``: loss = sum_s c_s sums_s (one pass)."""
+        from redi_ds import kernels
+
+        if self.impl == "reference":
+            sums, counts = kernels.reference_sequence_logprobs(hidden, self.weight, targets, self.bias,
+                                                               seq_ids, num_seqs)
+            loss = None if coeffs is None else (coeffs.to(sums.dtype) * sums).sum()
+            return loss, sums, counts
+        if coeffs is not None:
+            loss, sums, counts = kernels.fused_linear_loss(hidden, self.weight, targets, coeffs, self.bias, seq_ids,
+                                                           num_seqs, impl=self.impl, chunk_size=self.chunk_size)
+            return loss, sums, counts
+        sums, counts = kernels.fused_sequence_logprobs(hidden, self.weight, targets, self.bias, seq_ids, num_seqs,
+                                                       impl=self.impl, chunk_size=self.chunk_size)
+        return None, sums, counts
+
+
+class PolicyModel(nn.Module):
+    """The trained module: HF body + fused head + a sequence loss; ``forward(batch)`` -> (loss, metrics)."""
+
+    def __init__(self, hf_model, loss_fn, kernel: KernelConfig):
+        super().__init__()
+        self.hf = hf_model
+        self.hf.lm_head = FusedHead(hf_model.lm_head, kernel)
+        self.loss_fn = loss_fn
+
+    def sequence_logprobs(self, batch: dict, coeffs: Optional[torch.Tensor] = None):
+        out = self.hf.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            position_ids=batch["position_ids"], use_cache=False)
+        hidden = out.last_hidden_state  # [R, T, H]
+        return self.hf.lm_head(hidden, batch["targets"], batch["seq_ids"], batch["num_seqs"], coeffs)
+
+    def forward(self, batch: dict, counts: torch.Tensor, ref_logps: Optional[torch.Tensor] = None):
+        coeffs = self.loss_fn.coefficients(counts) if self.loss_fn.linear else None
+        fused_loss, sums, counts = self.sequence_logprobs(batch, coeffs)
+        if fused_loss is not None:
+            _, metrics = self.loss_fn(sums.detach(), counts)
+            return fused_loss, metrics
+        return self.loss_fn(sums, counts, ref_logps)
+
+
+def export_hf(state_dict: dict, hf_model, tokenizer, out_dir: str) -> None:
+    """Write an HF folder (safetensors + config + tokenizer) from a full state dict of PolicyModel."""
+    import transformers
+
+    sd = {k[len("hf."):]: v.detach().cpu() for k, v in state_dict.items() if k.startswith("hf.")}
+    fresh = transformers.AutoModelForCausalLM.from_config(hf_model.config)
+    missing, unexpected = fresh.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and hf_model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"export: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if hf_model.config.tie_word_embeddings:
+        fresh.tie_weights()
+    fresh.config.use_cache = True
+    fresh.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

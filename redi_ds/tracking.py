@@ -1,0 +1,118 @@
+"""MLflow tracking on global rank 0 that never stops training.
+
+Every call is queued and sent by one background thread, so a slow or dead tracking server costs the
+training loop nothing: the first failure warns once, and the tracker then drops what is left. The
+default store is ``sqlite:///{output_dir}/mlflow.db``; ``tracking.uri`` or ``MLFLOW_TRACKING_URI``
+(a real ``mlflow server`` included) take precedence. ``mlflow`` is imported in the worker thread only.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+_STOP = object()
+
+
+def resolve_uri(uri: Optional[str], output_dir: str) -> str:
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(output_dir).resolve()}/mlflow.db"
+
+
+class Tracker:
+    """``Tracker(cfg.tracking, output_dir, enabled=rank == 0)``; then ``start``, ``log_*``, ``finish``."""
+
+    def __init__(self, tracking_cfg, output_dir: str, enabled: bool = True):
+        self.enabled = enabled and tracking_cfg.enabled
+        self.uri = resolve_uri(tracking_cfg.uri, output_dir)
+        self.experiment = tracking_cfg.experiment
+        self.run_name = tracking_cfg.run_name
+        self.run_id: Optional[str] = None
+        self.failed = False
+        self._q: queue.Queue = queue.Queue()
+        self._started = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    # -- public API: each only enqueues
+    def start(self, params: dict[str, Any], run_id: Optional[str] = None, timeout: float = 30.0) -> Optional[str]:
+        if not self.enabled:
+            return None
+        # fail fast instead of mlflow's minutes of HTTP retries when a server is down
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self._thread = threading.Thread(target=self._worker, args=(params, run_id), daemon=True, name="mlflow")
+        self._thread.start()
+        self._started.wait(timeout)
+        return self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._put(("metrics", metrics, step))
+
+    def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
+        self._put(("artifact", path, artifact_path))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._put(("tags", tags))
+
+    def finish(self, status: str = "FINISHED", timeout: float = 60.0) -> None:
+        if self._thread is None:
+            return
+        self._q.put(("end", status))
+        self._q.put(_STOP)
+        self._thread.join(timeout)
+
+    # -- worker
+    def _put(self, item) -> None:
+        if self._thread is not None and not self.failed:
+            self._q.put(item)
+
+    def _warn(self, what: str, e: BaseException) -> None:
+        if not self.failed:
+            self.failed = True
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            print(f"[redi-ds] warning: MLflow {what} failed at {self.uri} ({type(e).__name__}: {first}); "
+                  "tracking is off for the rest of this run, training goes on", file=sys.stderr, flush=True)
+
+    def _worker(self, params: dict, run_id: Optional[str]) -> None:
+        try:
+            import mlflow
+
+            mlflow.set_tracking_uri(self.uri)
+            if run_id is None:
+                mlflow.set_experiment(self.experiment)
+                run = mlflow.start_run(run_name=self.run_name)
+            else:
+                run = mlflow.start_run(run_id=run_id)
+            self.run_id = run.info.run_id
+            items = [(k, "" if v is None else str(v)[:500]) for k, v in params.items()]
+            for i in range(0, len(items), 100):
+                mlflow.log_params(dict(items[i:i + 100]))
+        except Exception as e:  # noqa: BLE001
+            self._warn("start", e)
+        finally:
+            self._started.set()
+        while True:
+            item = self._q.get()
+            if item is _STOP:
+                return
+            if self.failed:
+                continue
+            try:
+                kind = item[0]
+                if kind == "metrics":
+                    mlflow.log_metrics({k: float(v) for k, v in item[1].items()}, step=item[2])
+                elif kind == "artifact":
+                    mlflow.log_artifact(item[1], artifact_path=item[2])
+                elif kind == "tags":
+                    mlflow.set_tags(item[1])
+                elif kind == "end":
+                    mlflow.end_run(status=item[1])
+            except Exception as e:  # noqa: BLE001
+                self._warn("logging", e)
