@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from redi_ds.config import Config, grad_accum_steps, save_config
+from redi_ds.data import DataError
 from redi_ds.data.collate import collate, token_counts
 from redi_ds.losses import build_loss
 
@@ -213,10 +214,9 @@ def train(cfg: Config) -> dict:
     from redi_ds.tracking import Tracker
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    rank, world = init_distributed()
-    accum = grad_accum_steps(cfg, world)
+    # everything a user can get wrong is checked before the process group starts
+    accum = grad_accum_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     stage_dir = cfg.stage_dir
-    device = _device()
     torch.manual_seed(cfg.run.seed)
     loss_fn = build_loss(cfg.loss)
     kind = "pairs" if loss_fn.paired else "sft"
@@ -232,10 +232,14 @@ def train(cfg: Config) -> dict:
     log0(f"data {cfg.data.path} ({kind}): {skipped.line()}")
     G = cfg.train.global_batch_size
     if len(data) < G:
-        raise SystemExit(f"[redi-ds] error: {len(data)} usable examples < train.global_batch_size {G}")
+        raise DataError(f"{cfg.data.path}: {len(data)} usable examples < train.global_batch_size ({G}); "
+                        f"{skipped.line()}")
     total_steps = cfg.train.epochs * (len(data) // G)
     if cfg.train.max_steps > 0:
         total_steps = min(total_steps, cfg.train.max_steps) if cfg.train.epochs > 0 else cfg.train.max_steps
+
+    rank, world = init_distributed()
+    device = _device()
 
     # model + engine
     precision = resolve_precision(cfg.deepspeed.precision)

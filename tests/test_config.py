@@ -1,0 +1,85 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from redi_ds.config import ConfigError, config_names, grad_accum_steps, load_config, parse_overrides
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bundled_configs_and_paper_values():
+    assert {"tiny", "paper", "paper-dpo", "paper-simpo"} <= set(config_names())
+    sft = load_config("paper", stage="sft")
+    assert sft.model.name_or_path == "Qwen/Qwen2.5-Math-1.5B"
+    assert sft.model.rope_theta == 300000.0 and sft.model.max_position_embeddings == 32768
+    assert (sft.train.lr, sft.train.schedule, sft.train.warmup_ratio, sft.train.weight_decay) == (5e-5, "linear", 0.1, 1e-4)
+    assert (sft.train.global_batch_size, sft.data.max_length, sft.train.epochs, sft.run.seed) == (128, 32768, 5, 42)
+    assert sft.model.gradient_checkpointing and sft.loss.name == "sft"
+    redi = load_config("paper", stage="redi")
+    assert (redi.train.lr, redi.train.epochs, redi.train.global_batch_size, redi.loss.alpha) == (1e-6, 1, 32, 0.8)
+    assert (redi.data.max_prompt_length, redi.data.max_length, redi.data.padding_free) == (800, 19800, True)
+    assert redi.train.grad_clip == 1.0 and redi.train.weight_decay == 1e-4 and redi.model.name_or_path == "@sft"
+    assert "\\boxed{}" in redi.data.system_prompt
+    dpo = load_config("paper-dpo", stage="dpo")
+    assert (dpo.loss.name, dpo.loss.beta, dpo.train.lr) == ("dpo", 0.001, 2e-7)
+    simpo = load_config("paper-simpo", stage="simpo")
+    assert (simpo.loss.name, simpo.loss.beta, simpo.loss.gamma, simpo.train.lr) == ("simpo", 2.0, 1.0, 5e-7)
+
+
+def test_overrides_are_typed():
+    cfg = load_config("tiny", stage="redi", overrides=["--loss.alpha", "0.5", "--train.lr=1e-6",
+                                                       "--deepspeed.zero", "{stage3_param_persistence_threshold: 0}"])
+    assert cfg.loss.alpha == 0.5 and cfg.train.lr == 1e-6
+    assert cfg.deepspeed.zero == {"stage3_param_persistence_threshold": 0}
+    assert parse_overrides(["--a.b", "true", "--c=3"]) == [("a.b", True), ("c", 3)]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--loss.alhpa", "0.5"], "unknown key 'loss.alhpa'"),
+    (["--train.lr", "fast"], "train.lr: expected a number, got 'fast'"),
+    (["--train.epochs", "1.5"], "train.epochs: expected an integer"),
+    (["--loss.alpha", "1.5"], "loss.alpha = 1.5"),
+    (["--loss.name", "ppo"], "loss.name = 'ppo'"),
+    (["--kernel.impl", "cuda"], "kernel.impl = 'cuda'"),
+    (["--train.global_batch_size", "10", "--train.micro_batch_size", "4"], "not a multiple"),
+    (["--model.gradient_checkpointing", "yes please"], "expected true/false"),
+    (["--train"], "has no value"),
+])
+def test_config_errors_are_one_line(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", stage="redi", overrides=overrides)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_stage_and_file(tmp_path):
+    with pytest.raises(ConfigError, match="no stage 'ppo'"):
+        load_config("tiny", stage="ppo")
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: 1e-5\n  batch: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_config(str(bad))
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("data: {path: x.jsonl}\ntrain: {learning_rate: 1.0}\n")
+    with pytest.raises(ConfigError, match=r"unknown.yaml: unknown key 'train.learning_rate'"):
+        load_config(str(unknown))
+
+
+def test_batch_sizes_checked_against_world_size():
+    cfg = load_config("tiny", stage="sft", overrides=["--train.global_batch_size", "16",
+                                                      "--train.micro_batch_size", "4"])
+    assert grad_accum_steps(cfg, 1) == 4 and grad_accum_steps(cfg, 2) == 2 and grad_accum_steps(cfg, 4) == 1
+    with pytest.raises(ConfigError, match=r"not divisible by train.micro_batch_size \(4\) x world size \(3\)"):
+        grad_accum_steps(cfg, 3)
+
+
+def test_cli_reports_config_error_before_compute():
+    r = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--stage", "redi", "--loss.alhpa", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert "unknown key 'loss.alhpa'" in r.stderr and "Traceback" not in r.stderr

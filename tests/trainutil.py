@@ -1,0 +1,50 @@
+"""Helpers for the multi-process training tests: run launch/train.py under torchrun on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = str(ROOT / "launch" / "train.py")
+
+# small, fast, really partitioned (persistence threshold 0), no tracking unless a test asks
+FAST = ["--config", "tiny", "--data.synthetic_size", "48", "--train.global_batch_size", "8",
+        "--train.micro_batch_size", "2", "--deepspeed.zero", "{stage3_param_persistence_threshold: 0}",
+        "--tracking.enabled", "false"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_for(tmp: Path) -> dict:
+    env = dict(os.environ)
+    tmpdir = tmp / "tmp"
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    env.update(OMP_NUM_THREADS="1", TMPDIR=str(tmpdir), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
+               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def torchrun(args: list[str], tmp: Path, nproc: int = 2, timeout: int = 900, env: dict | None = None,
+             check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), TRAIN, *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=env or env_for(tmp), capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"training failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
+    return r
+
+
+def losses(stage_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    return [r["loss"] for r in rows]
