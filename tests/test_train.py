@@ -103,3 +103,19 @@ def test_fused_head_matches_unfused_path_on_redi(tmp_path):
     assert fused[-1] < fused[0]
     rows = [json.loads(x) for x in (tmp_path / "fused" / "redi" / "metrics.jsonl").read_text().splitlines()]
     assert all({"logp_chosen", "logp_rejected", "margin", "grad_norm", "lr"} <= set(r) for r in rows)
+
+
+def test_dpo_reference_pass_and_simpo_run(tmp_path):
+    """DPO's reference log-probs come from one pass before training: at step 1 policy == reference, so the
+    loss is exactly -log sigmoid(0) = log 2. SimPO runs on the two-pass (non-linear) kernel path."""
+    import math
+
+    common = ["--config", "tiny", *FAST[2:], "--model.name_or_path", "tiny", "--train.max_steps", "2",
+              "--train.export", "false", "--data.synthetic_size", "16"]
+    r = torchrun(["--stage", "dpo", *common, "--run.output_dir", str(tmp_path / "dpo")], tmp_path)
+    assert "reference log-probs computed for 16 examples" in r.stdout
+    dpo = losses(tmp_path / "dpo" / "dpo")
+    assert dpo[0] == pytest.approx(math.log(2), abs=1e-6) and dpo[1] != pytest.approx(math.log(2), abs=1e-6)
+    torchrun(["--stage", "simpo", *common, "--run.output_dir", str(tmp_path / "simpo")], tmp_path)
+    simpo = losses(tmp_path / "simpo" / "simpo")
+    assert len(simpo) == 2 and all(math.isfinite(x) and x > 0 for x in simpo)

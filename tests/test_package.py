@@ -1,0 +1,45 @@
+"""Packaging: a light `import redi_ds`, no top-level `kernels` module, bundled data, lint."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(code: str, cwd) -> str:
+    r = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_import_is_light(tmp_path):
+    out = _run("import sys, redi_ds, redi_ds.config, redi_ds.kernels, redi_ds.losses, redi_ds.data, redi_ds.eval;"
+               "print(sorted(m for m in ('triton', 'deepspeed', 'mlflow', 'vllm', 'transformers', 'datasets')"
+               " if m in sys.modules))", tmp_path)
+    assert out == "[]"
+
+
+def test_kernels_ship_inside_redi_ds_only(tmp_path):
+    out = _run("import importlib.util, redi_ds.kernels as k; print(importlib.util.find_spec('kernels'), "
+               "k.__name__, hasattr(k, 'fused_redi_loss'))", tmp_path)
+    assert out == "None redi_ds.kernels True"
+
+
+def test_bundled_assets_resolve(tmp_path):
+    out = _run("from importlib import resources as r; b = r.files('redi_ds');"
+               "print(b.joinpath('assets/tokenizer/qwen2.5/tokenizer.json').is_file(),"
+               " b.joinpath('configs/tiny.yaml').is_file(), b.joinpath('assets/eval/math500.jsonl').is_file())",
+               tmp_path)
+    assert out == "True True True"
+
+
+def test_ruff_clean():
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    if not Path(ruff).exists():
+        pytest.fail("ruff is not installed: pip install -e '.[test]'")
+    r = subprocess.run([ruff, "check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
