@@ -10,13 +10,16 @@ from redi_ds.kernels.reference import (
     reference_sequence_logprobs,
     sequence_logprobs_from_logits,
 )
-from redi_ds.kernels.fused import fused_linear_loss, fused_redi_loss, fused_sequence_logprobs
+from redi_ds.kernels.fused import fused_linear_loss, fused_redi_loss, fused_sequence_logprobs, redi_coefficients
+from redi_ds.kernels.options import FusedHeadOptions
 
 __all__ = [
+    "FusedHeadOptions",
     "IGNORE_INDEX",
     "fused_linear_loss",
     "fused_redi_loss",
     "fused_sequence_logprobs",
+    "redi_coefficients",
     "reference_redi_loss",
     "reference_sequence_logprobs",
     "sequence_logprobs_from_logits",

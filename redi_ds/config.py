@@ -137,8 +137,12 @@ class TrackingConfig:
 class EvalConfig:
     benchmarks: list[str] = field(default_factory=list)  # evaluated on the export at the end of training
     samples: int = 1
+    temperature: float = 0.6
+    top_p: float = 0.95
     max_new_tokens: int = 512
-    limit: int = 0
+    limit: int = 0  # >0: first N problems of each benchmark
+    backend: str = "auto"  # auto (vllm when installed on CUDA, else hf) | hf | vllm
+    force_think: bool = False
 
 
 @dataclass

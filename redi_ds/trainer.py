@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -365,8 +364,13 @@ def train(cfg: Config) -> dict:
         tracker.log_metrics({f"final_{k}": v for k, v in last.items()}, step=total_steps)
         tracker.log_artifact(str(stage_dir / "final_metrics.json"))
         tracker.log_artifact(str(metrics_file))
-        if cfg.eval.benchmarks and cfg.train.export:
-            result["eval"] = _evaluate(cfg, export_dir, tracker)
+    if cfg.eval.benchmarks and cfg.train.export:
+        engine.destroy()  # free the accelerator for generation
+        del engine, optimizer, policy
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        result["eval"] = evaluate(cfg, export_dir, tracker, rank, world)
+    if rank == 0:
         (stage_dir / "done").write_text("ok\n")
     tracker.finish()
     dist.barrier()
@@ -401,13 +405,13 @@ def reference_pass(engine, data, kind, pad_id, cfg: Config, rank: int, world: in
     return out
 
 
-def _evaluate(cfg: Config, export_dir: Path, tracker) -> dict:
-    try:
-        from redi_ds.eval import run_eval
-    except ImportError as e:
-        print(f"[redi-ds] warning: evaluation unavailable ({e})", file=sys.stderr)
-        return {}
-    return run_eval(str(export_dir), cfg.eval.benchmarks, samples=cfg.eval.samples,
-                    max_new_tokens=cfg.eval.max_new_tokens, limit=cfg.eval.limit,
-                    out_dir=str(cfg.stage_dir / "eval"), mlflow_run_id=tracker.run_id,
-                    tracking_uri=tracker.uri if tracker.enabled else None)
+def evaluate(cfg: Config, export_dir: Path, tracker, rank: int, world: int) -> dict:
+    """Evaluate the export on every rank (data-parallel); the summary goes to this run's MLflow run."""
+    from redi_ds.eval import run_eval
+
+    return run_eval(str(export_dir), cfg.eval.benchmarks, samples=cfg.eval.samples, temperature=cfg.eval.temperature,
+                    top_p=cfg.eval.top_p, max_new_tokens=cfg.eval.max_new_tokens, limit=cfg.eval.limit,
+                    system_prompt=cfg.data.system_prompt, force_think=cfg.eval.force_think,
+                    backend=cfg.eval.backend, out_dir=str(cfg.stage_dir / "eval"), seed=cfg.run.seed,
+                    mlflow_run_id=tracker.run_id, tracking_uri=tracker.uri if tracker.enabled else None,
+                    rank=rank, world_size=world, progress=rank == 0)

@@ -92,8 +92,11 @@ def test_training_logs_to_a_real_mlflow_server(tmp_path):
 
     proc, url = start_server(tmp_path)
     try:
-        r = subprocess.run(train_cmd(tmp_path / "run", url, 3), cwd=ROOT, env=env_for(tmp_path),
-                           capture_output=True, text=True, timeout=900)
+        # with an evaluation of the export at the end, logged under the same run
+        cmd = train_cmd(tmp_path / "run", url, 3) + [
+            "--train.export", "true", "--eval.benchmarks", "math500", "--eval.limit", "2",
+            "--eval.max_new_tokens", "8", "--eval.backend", "hf"]
+        r = subprocess.run(cmd, cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, r.stderr[-4000:]
         run_id = (tmp_path / "run" / "redi" / "mlflow_run_id").read_text().strip()
         assert f"MLflow run {run_id} at {url}" in r.stdout
@@ -107,7 +110,9 @@ def test_training_logs_to_a_real_mlflow_server(tmp_path):
         logged = [m.value for m in client.get_metric_history(run_id, "loss")]
         assert logged == pytest.approx(losses(tmp_path / "run" / "redi"), rel=1e-6)
         artifacts = {a.path for a in client.list_artifacts(run_id)}
-        assert {"config.yaml", "final_metrics.json", "metrics.jsonl"} <= artifacts
+        assert {"config.yaml", "final_metrics.json", "metrics.jsonl", "eval"} <= artifacts
+        assert "eval/math500/pass_at_1" in run.data.metrics
+        assert len((tmp_path / "run" / "redi" / "eval" / "samples.jsonl").read_text().splitlines()) == 2
     finally:
         stop_server(proc)
 

@@ -1,0 +1,355 @@
+"""Fused LM-head kernels (redi_ds.kernels) against the float64 reference (the unfused oracle).
+
+impl="torch" runs here in float64 and float32. impl="triton" runs on CPU tensors in the Triton interpreter
+(fp32): those cases are only collected when TRITON_INTERPRET=1 was set before this process started. The
+normal session gets them through tests/test_kernels_triton.py, which re-runs this file with -k triton in a
+subprocess with the variable set: setting it inside a shared pytest session would depend on whether some
+other test had already imported triton (triton decides interpret-vs-compile when a kernel is decorated),
+and would turn every later @triton.jit into an interpreted function for the rest of the session.
+GPU cases (bf16 accuracy, speed/memory) are marked gpu and skip without CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from redi_ds.kernels import (
+    FusedHeadOptions,
+    fused_linear_loss,
+    fused_redi_loss,
+    fused_sequence_logprobs,
+    redi_coefficients,
+    reference_redi_loss,
+    reference_sequence_logprobs,
+)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+IMPLS = ["torch", "triton"] if INTERPRET else ["torch"]
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA (bf16 accuracy and speed of the GPU kernels)")
+
+V = 131  # odd; block_v=64 below makes the Triton kernel loop over 3 tiles with a masked tail
+H = 24   # not a power of two
+
+
+def _dtype(impl: str) -> torch.dtype:
+    return torch.float64 if impl == "torch" else torch.float32  # the interpreter runs fp32
+
+
+def _tol(dtype: torch.dtype) -> float:
+    return 1e-9 if dtype == torch.float64 else 2e-5
+
+
+def _opts(impl: str, chunk: int = 1024) -> FusedHeadOptions:
+    return FusedHeadOptions(impl=impl, chunk_size=chunk, block_v=64)
+
+
+def _batch(n=3, t=37, h=H, v=V, dtype=torch.float64, bias=True, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, t, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64) * 0.5
+    b = torch.randn(v, generator=g, dtype=torch.float64) * 0.3 if bias else None
+    labels = torch.randint(0, v, (n, t), generator=g)
+    labels[0, :9] = -100          # prompt prefix
+    labels[-1, t - 6:] = -100     # right padding
+    if n > 2:
+        labels[1, :3] = -100
+        labels[1, t - 2:] = -100
+    leaves = [x.to(device=device, dtype=dtype).requires_grad_() for x in (hidden, weight)]
+    bl = b.to(device=device, dtype=dtype).requires_grad_() if b is not None else None
+    return leaves[0], leaves[1], bl, labels.to(device)
+
+
+def _as_reference(*xs):
+    return [None if x is None else x.detach().double().requires_grad_() for x in xs]
+
+
+def _assert_close(actual, expected, tol, what):
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    scale = expected.abs().max().clamp(min=1e-12)
+    err = float((actual - expected).abs().max() / scale)
+    assert err <= tol, f"{what}: max relative error {err:.3g} > {tol:.1g}"
+
+
+def _grads(*xs):
+    return [None if x is None else x.grad for x in xs]
+
+
+# ----------------------------------------------------------------------------------------------- linear loss
+@pytest.mark.parametrize("chunk", [7, 1024])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_loss_and_grads_match_reference(impl, chunk):
+    dtype = _dtype(impl)
+    hidden, weight, bias, labels = _batch(dtype=dtype)
+    coeffs = torch.tensor([-0.7, 0.25, 1.3], dtype=torch.float32)
+    loss, sums, counts = fused_linear_loss(hidden, weight, labels, coeffs, bias, options=_opts(impl, chunk))
+    (loss * 1.7).backward()  # grad_output != 1
+
+    rh, rw, rb = _as_reference(hidden, weight, bias)
+    rsums, rcounts = reference_sequence_logprobs(rh, rw, labels, rb)
+    rloss = (coeffs.double() * rsums).sum()
+    (rloss * 1.7).backward()
+
+    tol = _tol(dtype)
+    assert not sums.requires_grad and counts.dtype == torch.long
+    assert torch.equal(counts, rcounts)
+    _assert_close(loss, rloss, tol, "loss")
+    _assert_close(sums, rsums, tol, "sums")
+    for name, a, r in zip(("hidden", "weight", "bias"), _grads(hidden, weight, bias), _grads(rh, rw, rb)):
+        assert a is not None and a.dtype == dtype and a.shape == r.shape, name
+        _assert_close(a, r, 10 * tol, f"d{name}")
+    # ignored positions get exactly zero gradient
+    assert hidden.grad[labels == -100].abs().max() == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_loss_without_bias_and_no_grad(impl):
+    dtype = _dtype(impl)
+    hidden, weight, _, labels = _batch(n=2, t=11, dtype=dtype, bias=False, seed=3)
+    coeffs = torch.tensor([0.5, -2.0])
+    rsums, _ = reference_sequence_logprobs(*_as_reference(hidden, weight), labels)
+    with torch.no_grad():
+        loss, sums, _ = fused_linear_loss(hidden, weight, labels, coeffs, options=_opts(impl, 5))
+    assert not loss.requires_grad
+    _assert_close(loss, (coeffs.double() * rsums).sum(), _tol(dtype), "loss (no grad)")
+    _assert_close(sums, rsums, _tol(dtype), "sums (no grad)")
+
+
+# ------------------------------------------------------------------------------------ two-pass (DPO/SimPO)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sequence_logprobs_and_grads_match_reference(impl):
+    dtype = _dtype(impl)
+    hidden, weight, bias, labels = _batch(dtype=dtype, seed=1)
+    sums, counts = fused_sequence_logprobs(hidden, weight, labels, bias, options=_opts(impl, 10))
+    g = torch.tensor([0.3, -1.1, 2.0], dtype=dtype)
+    # a non-linear function of the sums: backward gets one different scalar per sequence
+    (sums * g).sum().backward()
+
+    rh, rw, rb = _as_reference(hidden, weight, bias)
+    rsums, rcounts = reference_sequence_logprobs(rh, rw, labels, rb)
+    (rsums * g.double()).sum().backward()
+
+    tol = _tol(dtype)
+    assert sums.requires_grad and torch.equal(counts, rcounts)
+    _assert_close(sums, rsums, tol, "sums")
+    for name, a, r in zip(("hidden", "weight", "bias"), _grads(hidden, weight, bias), _grads(rh, rw, rb)):
+        _assert_close(a, r, 10 * tol, f"d{name}")
+
+
+def _packed(dtype, flat: bool, seed=2):
+    """Three sequences packed in one row, with ignored prompt tokens inside and padding at the end."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [13, 9, 17]
+    total = sum(lengths) + 4
+    seq_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)] + [torch.full((4,), 2)])
+    labels = torch.randint(0, V, (total,), generator=g)
+    labels[0:4] = -100
+    labels[13:16] = -100
+    labels[-4:] = -100
+    hidden = torch.randn(total, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5
+    if not flat:
+        hidden, labels, seq_ids = hidden[None], labels[None], seq_ids[None]
+    return hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_(), labels, seq_ids
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["1xTxH", "TxH"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_packed_seq_ids(impl, flat):
+    dtype = _dtype(impl)
+    hidden, weight, labels, seq_ids = _packed(dtype, flat)
+    sums, counts = fused_sequence_logprobs(hidden, weight, labels, seq_ids=seq_ids, options=_opts(impl, 8))
+    g = torch.tensor([1.0, -0.5, 0.25], dtype=dtype)
+    (sums * g).sum().backward()
+    rh, rw = _as_reference(hidden, weight)
+    rsums, rcounts = reference_sequence_logprobs(rh, rw, labels, seq_ids=seq_ids)
+    (rsums * g.double()).sum().backward()
+    assert sums.shape == (3,) and torch.equal(counts, rcounts) and counts.tolist() == [9, 6, 17]
+    tol = _tol(dtype)
+    _assert_close(sums, rsums, tol, "sums")
+    _assert_close(hidden.grad, rh.grad, 10 * tol, "dhidden")
+    _assert_close(weight.grad, rw.grad, 10 * tol, "dweight")
+
+    # the single-pass form on the same packed row, with num_seqs given
+    hidden.grad = weight.grad = None
+    coeffs = torch.tensor([-1.0, 0.5, 2.0])
+    loss, lsums, _ = fused_linear_loss(hidden, weight, labels, coeffs, seq_ids=seq_ids, num_seqs=3,
+                                       options=_opts(impl, 8))
+    loss.backward()
+    rh.grad = rw.grad = None
+    rsums, _ = reference_sequence_logprobs(rh, rw, labels, seq_ids=seq_ids)
+    (coeffs.double() * rsums).sum().backward()
+    _assert_close(lsums, rsums, tol, "sums (linear)")
+    _assert_close(hidden.grad, rh.grad, 10 * tol, "dhidden (linear)")
+    _assert_close(weight.grad, rw.grad, 10 * tol, "dweight (linear)")
+
+
+# ----------------------------------------------------------------------------------------------------- REDI
+@pytest.mark.parametrize("impl", IMPLS)
+def test_redi_loss_matches_reference(impl):
+    dtype = _dtype(impl)
+    hidden, weight, _, labels = _batch(n=4, t=19, dtype=dtype, bias=False, seed=4)
+    loss, metrics = fused_redi_loss(hidden, weight, labels, alpha=0.8, impl=impl)
+    loss.backward()
+    rh, rw = _as_reference(hidden, weight)
+    rloss, rmetrics = reference_redi_loss(rh, rw, labels, alpha=0.8)
+    rloss.backward()
+    tol = _tol(dtype)
+    assert set(metrics) == set(rmetrics)
+    _assert_close(loss, rloss, tol, "loss")
+    for k in rmetrics:
+        assert not metrics[k].requires_grad, k
+        if k.startswith("count"):
+            assert torch.equal(metrics[k], rmetrics[k]), k
+        else:
+            _assert_close(metrics[k], rmetrics[k], tol, k)
+    _assert_close(hidden.grad, rh.grad, 10 * tol, "dhidden")
+    _assert_close(weight.grad, rw.grad, 10 * tol, "dweight")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_redi_empty_row_is_a_value_error(impl):
+    hidden, weight, _, labels = _batch(n=2, t=7, dtype=_dtype(impl), bias=False)
+    labels[1] = -100
+    with pytest.raises(ValueError, match="no target tokens"):
+        fused_redi_loss(hidden, weight, labels, alpha=0.8, impl=impl)
+
+
+def test_redi_coefficients_reproduce_the_loss():
+    counts = torch.tensor([3, 5, 2, 7])
+    sums = torch.tensor([-4.0, -9.0, -1.0, -20.0], dtype=torch.float64)
+    c = redi_coefficients(counts, 0.8, torch.float64)
+    expected = (-sums[:2] / counts[:2] + 0.8 * sums[2:] / counts[2:]).mean()
+    assert torch.allclose((c * sums).sum(), expected)
+
+
+# -------------------------------------------------------------------------------------- edges and contract
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_ignored_gives_zero_loss_and_zero_grads(impl):
+    hidden, weight, _, labels = _batch(n=2, t=5, dtype=_dtype(impl), bias=False)
+    labels[:] = -100
+    loss, sums, counts = fused_linear_loss(hidden, weight, labels, torch.ones(2), impl=impl)
+    loss.backward()
+    assert float(loss.detach()) == 0 and counts.tolist() == [0, 0] and sums.abs().max() == 0
+    assert hidden.grad.abs().max() == 0 and weight.grad.abs().max() == 0
+
+
+def test_blocks_are_bounded_and_prompt_tokens_cost_nothing(monkeypatch):
+    """The only [block x V] buffer has at most chunk_size rows, and only non-ignored tokens reach it."""
+    import redi_ds.kernels.torch_head as th
+
+    seen = []
+    real = th.torch_rows
+
+    def spy(x, *a, **k):
+        seen.append(tuple(x.shape))
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(th, "torch_rows", spy)
+    hidden, weight, _, labels = _batch(dtype=torch.float32, bias=False)
+    n_valid = int((labels != -100).sum())
+    loss, _, _ = fused_linear_loss(hidden, weight, labels, torch.ones(3), impl="torch", chunk_size=16)
+    loss.backward()
+    assert seen and all(r <= 16 and v == V for r, v in seen)
+    assert sum(r for r, _ in seen) == n_valid < labels.numel()
+
+
+def test_invalid_inputs_raise():
+    hidden, weight, _, labels = _batch(n=2, t=5, dtype=torch.float32, bias=False)
+    bad = labels.clone()
+    bad[0, 0] = V
+    with pytest.raises(ValueError, match="labels must be"):
+        fused_sequence_logprobs(hidden, weight, bad, impl="torch")
+    with pytest.raises(ValueError, match="coeffs"):
+        fused_linear_loss(hidden, weight, labels, torch.ones(3), impl="torch")
+    with pytest.raises(ValueError, match="impl"):
+        fused_sequence_logprobs(hidden, weight, labels, impl="cuda")
+    with pytest.raises(ValueError, match="chunk_size"):
+        FusedHeadOptions(chunk_size=0)
+
+
+def test_reference_impl_routes_to_the_oracle():
+    hidden, weight, _, labels = _batch(n=2, t=9, dtype=torch.float64, bias=False, seed=5)
+    coeffs = torch.tensor([0.3, -0.9], dtype=torch.float64)
+    ref = fused_linear_loss(hidden, weight, labels, coeffs, impl="reference")
+    fused = fused_linear_loss(hidden, weight, labels, coeffs, impl="torch", chunk_size=4)
+    assert torch.allclose(ref[0], fused[0]) and torch.allclose(ref[1], fused[1]) and torch.equal(ref[2], fused[2])
+
+
+def test_importing_the_package_does_not_import_triton():
+    code = ("import sys, redi_ds, redi_ds.kernels, torch\n"
+            "from redi_ds.kernels import fused_sequence_logprobs\n"
+            "h = torch.randn(1, 4, 8); w = torch.randn(11, 8); y = torch.randint(0, 11, (1, 4))\n"
+            "fused_sequence_logprobs(h, w, y, impl='auto')\n"
+            "assert 'triton' not in sys.modules, 'triton imported'\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------------- GPU
+def _naive_lp(hidden, weight, labels):
+    return reference_sequence_logprobs(hidden, weight, labels)[0]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_gpu_bf16_accuracy(impl):
+    hidden, weight, _, labels = _batch(n=4, t=300, h=512, v=32003, dtype=torch.bfloat16, bias=False,
+                                       device="cuda")
+    coeffs = redi_coefficients((labels != -100).sum(-1), 0.8).cuda()
+    loss, sums, _ = fused_linear_loss(hidden, weight, labels, coeffs, impl=impl, chunk_size=256)
+    loss.backward()
+    rh, rw = _as_reference(hidden, weight)
+    rsums = _naive_lp(rh, rw, labels)
+    rloss = (coeffs.double() * rsums).sum()
+    rloss.backward()
+    assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
+    _assert_close(sums, rsums, 1e-2, "sums (bf16)")
+    _assert_close(loss, rloss, 2e-2, "loss (bf16)")
+    _assert_close(hidden.grad, rh.grad, 3e-2, "dhidden (bf16)")
+    _assert_close(weight.grad, rw.grad, 3e-2, "dweight (bf16)")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_triton_faster_and_smaller_than_naive():
+    n, t, h, v = 8, 1024, 1536, 151936
+    torch.manual_seed(0)
+    hidden = torch.randn(n, t, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(v, h, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
+    labels = torch.randint(0, v, (n, t), device="cuda")
+    labels[:, :128] = -100
+    coeffs = redi_coefficients((labels != -100).sum(-1), 0.8).cuda()
+
+    def naive():
+        return (coeffs * _naive_lp(hidden, weight, labels)).sum()
+
+    def fused():
+        return fused_linear_loss(hidden, weight, labels, coeffs, impl="triton")[0]
+
+    def measure(fn):
+        fn().backward()  # warm-up / compile
+        hidden.grad = weight.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            fn().backward()
+            hidden.grad = weight.grad = None
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / 3, torch.cuda.max_memory_allocated() - base
+
+    t_naive, m_naive = measure(naive)
+    t_fused, m_fused = measure(fused)
+    assert t_fused < t_naive, f"triton {t_fused * 1e3:.1f} ms vs naive {t_naive * 1e3:.1f} ms"
+    assert m_fused < 0.15 * m_naive, f"triton peak {m_fused / 2**20:.0f} MiB vs naive {m_naive / 2**20:.0f} MiB"

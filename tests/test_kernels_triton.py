@@ -1,0 +1,36 @@
+"""The Triton kernel in the CPU interpreter (TRITON_INTERPRET=1, fp32), against the float64 reference.
+
+The interpreter must be switched on before triton is first imported in the process, and switching it on
+inside a shared pytest session would also turn every later @triton.jit (liger-kernel's, say) into an
+interpreted function. So this test runs the impl="triton" cases of tests/test_kernels.py in a fresh
+subprocess with TRITON_INTERPRET=1 in its environment from the start: the order in which pytest collects
+or imports anything in this session does not matter. Inside that subprocess (or when you run
+`TRITON_INTERPRET=1 pytest tests/test_kernels.py -k triton` yourself) the triton cases run in-process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_kernel_in_interpreter_matches_reference():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("already in an interpreter process: the triton cases of test_kernels.py run directly")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton and not importing and not gpu",
+           str(HERE / "test_kernels.py")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE.parent, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, f"interpreter run failed (rc={r.returncode}):\n{out[-6000:]}"
+    # guard against a silent no-op: the subprocess must have collected and passed the triton cases
+    passed = [ln for ln in out.splitlines() if " passed" in ln]
+    assert passed and int(passed[-1].split(" passed")[0].split()[-1]) >= 8, out[-2000:]
