@@ -46,25 +46,25 @@ def ngrams(toks: list, n: int) -> set:
 
 
 def load_eval_problems(names) -> list:
-    """[(eval_id, problem)] for the named sets, via the eval module when present, else the bundled files."""
+    """[(eval_id, problem)] for the named sets: ``redi_ds.eval.benchmarks.load_benchmark`` when it is
+    importable (any name it knows), else the bundled files in :data:`EVAL_FILES`."""
     try:
-        from redi_ds.eval.benchmarks import load_benchmark  # the eval module's loader, once it exists
+        from redi_ds.eval.benchmarks import load_benchmark
     except ImportError:
         load_benchmark = None
     out = []
     for name in names:
-        if name not in EVAL_FILES:
-            raise ValueError(f"unknown evaluation set {name!r} (known: {', '.join(EVAL_FILES)})")
-        rows = None
         if load_benchmark is not None:
             try:
                 rows = load_benchmark(name)
-            except Exception:  # a loader that lacks this name: fall back to the bundled file
-                rows = None
-        if rows is None:
+            except Exception as e:  # noqa: BLE001 - an unknown name or a broken file: one line
+                raise ValueError(f"evaluation set {name!r}: {' '.join(str(e).split())[:300]}") from None
+        elif name in EVAL_FILES:
             path = resources.files("redi_ds") / "assets" / "eval" / EVAL_FILES[name]
             with path.open("r", encoding="utf-8") as f:
                 rows = [json.loads(line) for line in f if line.strip()]
+        else:
+            raise ValueError(f"unknown evaluation set {name!r} (known: {', '.join(EVAL_FILES)})")
         out.extend((f"{name}:{r['id']}", r["problem"]) for r in rows)
     return out
 
@@ -74,7 +74,7 @@ class NgramIndex:
     n: int = 13
     threshold: float = 0.5
     grams: dict = field(default_factory=dict)  # n-gram -> tuple of eval ids
-    short: dict = field(default_factory=dict)  # token count m < n -> {joined tokens: tuple of eval ids}
+    short: dict = field(default_factory=dict)  # " joined tokens " of an eval problem under n tokens -> eval ids
     totals: dict = field(default_factory=dict)  # eval id -> number of distinct n-grams
     sets: dict = field(default_factory=dict)  # set name -> problems indexed
 
@@ -88,7 +88,7 @@ class NgramIndex:
                 continue
             idx.sets[eid.split(":", 1)[0]] = idx.sets.get(eid.split(":", 1)[0], 0) + 1
             if len(toks) < n:
-                short.setdefault(len(toks), {}).setdefault(" ".join(toks), []).append(eid)
+                short.setdefault(" " + " ".join(toks) + " ", []).append(eid)
                 idx.totals[eid] = 1
                 continue
             gs = ngrams(toks, n)
@@ -96,7 +96,7 @@ class NgramIndex:
             for g in gs:
                 grams.setdefault(g, []).append(eid)
         idx.grams = {g: tuple(v) for g, v in grams.items()}
-        idx.short = {m: {g: tuple(v) for g, v in d.items()} for m, d in short.items()}
+        idx.short = {g: tuple(v) for g, v in short.items()}
         return idx
 
     def match(self, text: str) -> list:
@@ -106,9 +106,10 @@ class NgramIndex:
         for g in ngrams(toks, self.n) if len(toks) >= self.n else ():
             for eid in self.grams.get(g, ()):
                 hits[eid] = hits.get(eid, 0) + 1
-        for m, table in self.short.items():
-            if len(toks) >= m:
-                for g in ngrams(toks, m):
-                    for eid in table.get(g, ()):
+        if self.short:
+            joined = " " + " ".join(toks) + " "
+            for g, eids in self.short.items():
+                if g in joined:  # the whole (short) eval problem occurs, token-aligned
+                    for eid in eids:
                         hits[eid] = 1
         return sorted(e for e, h in hits.items() if h >= max(1.0, self.threshold * self.totals[e]))

@@ -58,6 +58,11 @@ class Problem:
     flag_mode: str  # which flags decided correctness ("a+b"), "grader", or "mixed" (plain rows)
 
 
+def blank(text: str) -> bool:
+    """Empty or whitespace only (without copying a long string the way ``strip`` does)."""
+    return not text or text.isspace()
+
+
 def parse_flag_spec(spec: str) -> Union[str, tuple]:
     """``auto`` | ``grade`` | comma-separated flag names (all must be true for a generation to count as correct)."""
     spec = (spec or "auto").strip()
@@ -193,7 +198,7 @@ def normalize_openr1(row: dict, spec) -> Union[Problem, Bad]:
     problem = _text(row.get("problem"), MISSING_PROBLEM, NON_STRING_PROBLEM)
     if isinstance(problem, Bad):
         return problem
-    if not problem.strip():
+    if blank(problem):
         return Bad(EMPTY_PROBLEM)
     answer = _answer(row)
     if isinstance(answer, Bad):
@@ -206,7 +211,7 @@ def normalize_openr1(row: dict, spec) -> Union[Problem, Bad]:
     if not all(isinstance(g, str) for g in gens):
         return Bad(NON_STRING_TEXT)
     n = len(gens)
-    if n == 0 or not any(g.strip() for g in gens):
+    if n == 0 or all(blank(g) for g in gens):
         return Bad(EMPTY_GENERATIONS)
     if "_flags" in row:  # plain rows already grouped by problem: flags resolved per row
         flags, mode = list(row["_flags"]), str(row.get("_flag_mode") or "mixed")
@@ -218,7 +223,9 @@ def normalize_openr1(row: dict, spec) -> Union[Problem, Bad]:
             return record
         for name in PARALLEL_FIELDS:
             value = row.get(name)
-            if value is not None and (not isinstance(value, (list, tuple)) or len(value) != n):
+            if value is not None and not isinstance(value, (list, tuple)):
+                return Bad(BAD_FLAGS)
+            if value is not None and len(value) != n:
                 return Bad(LENGTH_MISMATCH)
         for value in (record or {}).values():
             if isinstance(value, (list, tuple)) and len(value) != n:
@@ -239,12 +246,12 @@ def normalize_plain(row: dict, spec) -> Union[dict, Bad]:
     problem = _text(row.get("problem"), MISSING_PROBLEM, NON_STRING_PROBLEM)
     if isinstance(problem, Bad):
         return problem
-    if not problem.strip():
+    if blank(problem):
         return Bad(EMPTY_PROBLEM)
     response = _text(row.get("response"), MISSING_GENERATIONS, NON_STRING_TEXT)
     if isinstance(response, Bad):
         return response
-    if not response.strip():
+    if blank(response):
         return Bad(EMPTY_GENERATIONS)
     answer = _answer(row)
     if isinstance(answer, Bad):

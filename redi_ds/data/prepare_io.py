@@ -90,9 +90,17 @@ def open_source(source: str, work_dir: str, split: str = "train", config: Option
     try:
         if kind == "parquet":
             return Dataset.from_parquet(files, cache_dir=cache, split="train"), source
-        ds = Dataset.from_generator(
-            _line_gen, features=LINE_FEATURES, cache_dir=cache, gen_kwargs={"files": files}, writer_batch_size=256
-        )
+        import datasets
+
+        bars = not datasets.are_progress_bars_disabled()
+        datasets.disable_progress_bars()  # a bar for copying lines is noise (and would precede an error line)
+        try:
+            ds = Dataset.from_generator(
+                _line_gen, features=LINE_FEATURES, cache_dir=cache, gen_kwargs={"files": files}, writer_batch_size=256
+            )
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
     except PrepareError:
         raise
     except Exception as e:  # noqa: BLE001 - unreadable file
