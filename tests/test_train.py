@@ -119,3 +119,26 @@ def test_dpo_reference_pass_and_simpo_run(tmp_path):
     torchrun(["--stage", "simpo", *common, "--run.output_dir", str(tmp_path / "simpo")], tmp_path)
     simpo = losses(tmp_path / "simpo" / "simpo")
     assert len(simpo) == 2 and all(math.isfinite(x) and x > 0 for x in simpo)
+
+
+def test_trainer_consumes_prepared_data(tmp_path):
+    """OpenR1-style raw rows -> redi_ds.data.prepare -> data.path: DIR for both stages (SFT reads sft/, REDI pairs/)."""
+    from redi_ds.data import synthetic
+    from redi_ds.data.prepare import PrepareOptions, prepare
+
+    raw = tmp_path / "raw.jsonl"
+    with open(raw, "w") as f:
+        for p in synthetic.generate(12, seed=5):
+            f.write(json.dumps({"problem": p["problem"], "answer": p["answer"], "source": "synthetic",
+                                "problem_is_valid": "yes", "generations": [p["rejected"], p["chosen"]],
+                                "correctness": {"llama_verification": [False, True],
+                                                "math_verify_reparsed_answer": [False, True]}}) + "\n")
+    stats = prepare(PrepareOptions(source=str(raw), out=str(tmp_path / "data"), decontam=False, quiet=True))
+    assert json.loads(json.dumps(stats))  # serialisable report
+    common = [*FAST, "--data.path", str(tmp_path / "data"), "--train.max_steps", "1", "--train.export", "false",
+              "--run.output_dir", str(tmp_path / "out"), "--model.name_or_path", "tiny"]
+    r = torchrun(["--stage", "sft", *common], tmp_path, nproc=1)
+    assert "(sft): 12/12 examples kept" in r.stdout
+    r = torchrun(["--stage", "redi", *common, "--model.sft_if_missing", "false"], tmp_path, nproc=1)
+    assert "(pairs): 12/12 examples kept" in r.stdout
+    assert len(losses(tmp_path / "out" / "redi")) == 1
