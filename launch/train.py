@@ -12,6 +12,16 @@ import os
 import sys
 
 
+def _record(fn):
+    """torchrun's error recorder: a rank's exception shows in the launcher's "Root Cause" block."""
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import record
+    except ImportError:  # pragma: no cover
+        return fn
+    return record(fn)
+
+
+@_record
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--stage", default=None, help="a stage of the config (sft, redi, ...)")
