@@ -102,7 +102,10 @@ def build_model(model_cfg: ModelConfig, model_path: str, dtype: torch.dtype, see
         except OSError as e:
             raise ConfigError(f"model.name_or_path: cannot load {model_path!r} ({str(e).splitlines()[0]})") from None
     if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model
 

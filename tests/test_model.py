@@ -1,0 +1,83 @@
+"""The body/head split, gradient checkpointing, and the LR schedules, in process (no DeepSpeed)."""
+
+import pytest
+import torch
+
+from redi_ds.config import KernelConfig, LossConfig, ModelConfig, TinyModelConfig
+from redi_ds.data.collate import collate, token_counts
+from redi_ds.losses import build_loss
+from redi_ds.model import PolicyModel, build_model, resolve_model_path
+from redi_ds.trainer import lr_lambda, step_indices
+
+TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2)
+EXAMPLES = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, 10], "rejected_ids": [11, 12]},
+            {"prompt_ids": [13, 14], "chosen_ids": [15], "rejected_ids": [16, 17, 18, 19]}]
+
+
+def _policy(impl="torch", gc=False, loss="redi"):
+    hf = build_model(ModelConfig(tiny=TINY, gradient_checkpointing=gc), "tiny", torch.float64, seed=3)
+    return PolicyModel(hf, build_loss(LossConfig(name=loss, alpha=0.8)), KernelConfig(impl=impl, chunk_size=3))
+
+
+def _loss_and_grads(model, batch):
+    model.train()
+    loss, metrics = model(batch, token_counts(batch))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, metrics
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_fused_policy_matches_reference_and_grads_reach_tied_weight(padding_free):
+    batch = collate(EXAMPLES, "pairs", pad_id=0, padding_free=padding_free)
+    fused, g_fused, m = _loss_and_grads(_policy("torch"), batch)
+    ref, g_ref, _ = _loss_and_grads(_policy("reference"), batch)
+    torch.testing.assert_close(fused, ref, rtol=1e-10, atol=1e-12)
+    assert set(g_fused) == set(g_ref)
+    for name in g_ref:
+        torch.testing.assert_close(g_fused[name], g_ref[name], rtol=1e-8, atol=1e-12)
+    # tied: lm_head and embed_tokens are one Parameter, its grad has the head's and the embedding's parts
+    model = _policy("torch")
+    assert model.hf.lm_head.weight is model.hf.model.embed_tokens.weight
+    assert "hf.lm_head.weight" not in g_ref  # named_parameters lists the shared tensor once
+    assert {"logp_chosen", "logp_rejected", "margin"} <= set(m)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_grads():
+    batch = collate(EXAMPLES, "pairs", pad_id=0)
+    a, ga, _ = _loss_and_grads(_policy(gc=False), batch)
+    b, gb, _ = _loss_and_grads(_policy(gc=True), batch)
+    assert _policy(gc=True).hf.model.gradient_checkpointing
+    torch.testing.assert_close(a, b)
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name])
+
+
+def test_nonlinear_loss_runs_on_the_two_pass_path():
+    batch = collate(EXAMPLES, "pairs", pad_id=0)
+    a, ga, _ = _loss_and_grads(_policy("torch", loss="simpo"), batch)
+    b, gb, _ = _loss_and_grads(_policy("reference", loss="simpo"), batch)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-8, atol=1e-12)
+
+
+def test_schedules_hand_computed():
+    lin = lr_lambda("linear", warmup=2, total=10, min_ratio=0.0)
+    assert [round(lin(s), 6) for s in (0, 1, 2, 6, 10)] == [round(1 / 3, 6), round(2 / 3, 6), 1.0, 0.5, 0.0]
+    cos = lr_lambda("cosine", warmup=0, total=10, min_ratio=0.1)
+    assert cos(0) == pytest.approx(1.0) and cos(5) == pytest.approx(0.55) and cos(10) == pytest.approx(0.1)
+    assert lr_lambda("constant", 1, 10, 0.0)(7) == 1.0
+
+
+def test_data_order_is_a_function_of_seed_and_step():
+    a = [step_indices(10, 4, seed=1, step=s, shuffle=True) for s in range(4)]
+    assert a == [step_indices(10, 4, seed=1, step=s, shuffle=True) for s in range(4)]
+    assert sorted(a[0] + a[1]) == sorted(set(a[0] + a[1])) and len(set(a[0] + a[1])) == 8  # no repeats in an epoch
+    assert a[2] != a[0]  # a new epoch reshuffles
+    assert step_indices(10, 4, seed=1, step=1, shuffle=False) == [4, 5, 6, 7]
+
+
+def test_sft_export_reference():
+    assert resolve_model_path("@sft", "runs/x") == "runs/x/sft/export"
+    assert resolve_model_path("Qwen/Qwen2.5-Math-1.5B", "runs/x") == "Qwen/Qwen2.5-Math-1.5B"
