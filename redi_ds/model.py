@@ -194,7 +194,8 @@ def export_hf(state_dict: dict, hf_model, tokenizer, out_dir: str) -> None:
     import transformers
 
     sd = {k[len("hf."):]: v.detach().cpu() for k, v in state_dict.items() if k.startswith("hf.")}
-    fresh = transformers.AutoModelForCausalLM.from_config(hf_model.config)
+    dtype = next(iter(sd.values())).dtype  # export in the training precision (bf16 stays bf16)
+    fresh = transformers.AutoModelForCausalLM.from_config(hf_model.config).to(dtype)
     missing, unexpected = fresh.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and hf_model.config.tie_word_embeddings)]
     if missing or unexpected:
