@@ -435,17 +435,12 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     def wait(self, job_id: int, timeout: float, poll: float = 0.5) -> dict[str, str]:
         """Wait until the job reaches a final state; returns its record. Fails with the logs on timeout."""
-        deadline = time.monotonic() + timeout
-        info = None
-        while time.monotonic() < deadline:
-            info = self.job(job_id)
-            if info and info.get("JobState") in FINAL_STATES:
-                return info
-            time.sleep(poll)
-        raise TimeoutError(f"job {job_id} not finished after {timeout:.0f}s (last: {info and info.get('JobState')})\n"
-                           f"{self.log_tail()}")
+        try:
+            return self.wait_state(job_id, FINAL_STATES, timeout, poll)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}\n{self.log_tail()}") from None
 
-    def wait_state(self, job_id: int, states: set[str], timeout: float, poll: float = 0.2) -> dict[str, str]:
+    def wait_state(self, job_id: int, states, timeout: float, poll: float = 0.2) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         info = None
         while time.monotonic() < deadline:
@@ -453,7 +448,8 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             if info and info.get("JobState") in states:
                 return info
             time.sleep(poll)
-        raise TimeoutError(f"job {job_id} not in {states} after {timeout:.0f}s (last: {info and info.get('JobState')})")
+        raise TimeoutError(f"job {job_id} not in {set(states)} after {timeout:.0f}s "
+                           f"(last: {info and info.get('JobState')})")
 
 
 if __name__ == "__main__":

@@ -194,7 +194,7 @@ def _resolve_flags(row: dict, record: Optional[dict], spec, n: int) -> Union[tup
     return [UNKNOWN] * n, "grader"
 
 
-def normalize_openr1(row: dict, spec) -> Union[Problem, Bad]:
+def _problem_and_answer(row: dict) -> Union[tuple, Bad]:
     problem = _text(row.get("problem"), MISSING_PROBLEM, NON_STRING_PROBLEM)
     if isinstance(problem, Bad):
         return problem
@@ -203,6 +203,14 @@ def normalize_openr1(row: dict, spec) -> Union[Problem, Bad]:
     answer = _answer(row)
     if isinstance(answer, Bad):
         return answer
+    return problem, answer
+
+
+def normalize_openr1(row: dict, spec) -> Union[Problem, Bad]:
+    got = _problem_and_answer(row)
+    if isinstance(got, Bad):
+        return got
+    problem, answer = got
     gens = row.get("generations")
     if gens is None:
         return Bad(MISSING_GENERATIONS)
@@ -243,19 +251,15 @@ def normalize_openr1(row: dict, spec) -> Union[Problem, Bad]:
 
 def normalize_plain(row: dict, spec) -> Union[dict, Bad]:
     """One plain (problem, answer, response) row -> a dict with a scalar flag, or a Bad."""
-    problem = _text(row.get("problem"), MISSING_PROBLEM, NON_STRING_PROBLEM)
-    if isinstance(problem, Bad):
-        return problem
-    if blank(problem):
-        return Bad(EMPTY_PROBLEM)
+    got = _problem_and_answer(row)
+    if isinstance(got, Bad):
+        return got
+    problem, answer = got
     response = _text(row.get("response"), MISSING_GENERATIONS, NON_STRING_TEXT)
     if isinstance(response, Bad):
         return response
     if blank(response):
         return Bad(EMPTY_GENERATIONS)
-    answer = _answer(row)
-    if isinstance(answer, Bad):
-        return answer
     flag, mode = UNKNOWN, "grader"
     if spec != "grade":
         for names in ((PAPER_FLAGS, DEFAULT_SPLIT_FLAGS) if spec == "auto" else (spec,)):
