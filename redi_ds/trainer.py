@@ -262,13 +262,15 @@ def train(cfg: Config) -> dict:
 
     # resume
     start_step = 0
-    tag = latest_checkpoint(stage_dir) if cfg.run.resume == "auto" else None
-    if cfg.run.resume not in ("auto", "never"):
-        tag = Path(cfg.run.resume).name
+    ckpt_root, tag = stage_dir / "checkpoints", None
+    if cfg.run.resume == "auto":
+        tag = latest_checkpoint(stage_dir)
+    elif cfg.run.resume != "never":  # an explicit checkpoint folder
+        ckpt_root, tag = Path(cfg.run.resume).parent, Path(cfg.run.resume).name
     if tag is not None:
-        _, client = engine.load_checkpoint(str(stage_dir / "checkpoints"), tag=tag)
+        _, client = engine.load_checkpoint(str(ckpt_root), tag=tag)
         start_step = int(client["step"])
-        log0(f"resumed from {stage_dir / 'checkpoints' / tag} at step {start_step}")
+        log0(f"resumed from {ckpt_root / tag} at step {start_step}")
 
     # tracking, on global rank 0 only
     tracker = Tracker(cfg.tracking, cfg.run.output_dir, enabled=rank == 0)
@@ -276,6 +278,7 @@ def train(cfg: Config) -> dict:
         stage_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, stage_dir / "config.yaml")
         (stage_dir / "preempted").unlink(missing_ok=True)
+        _truncate_metrics(stage_dir / "metrics.jsonl", start_step)  # rows past the checkpoint are redone
         run_id_file = stage_dir / "mlflow_run_id"
         prior = run_id_file.read_text().strip() if run_id_file.exists() and start_step > 0 else None
         params = cfg.flat() | {"world_size": world, "grad_accum": accum, "examples": len(data),
@@ -293,6 +296,7 @@ def train(cfg: Config) -> dict:
     micro = cfg.train.micro_batch_size
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
         idx = step_indices(len(data), G, cfg.run.seed, step, cfg.data.shuffle)
         mine = idx[rank * micro * accum:(rank + 1) * micro * accum]  # this rank's share of the step
         sums = {}
@@ -316,7 +320,7 @@ def train(cfg: Config) -> dict:
         dist.all_reduce(vec)
         stats = {k: float(vec[i]) / world for i, k in enumerate(keys)}
         dt = time.perf_counter() - t0
-        stats.update(lr=scheduler.get_last_lr()[0], tokens_per_s=float(vec[-1]) / dt, step_time=dt)
+        stats.update(lr=lr, tokens_per_s=float(vec[-1]) / dt, step_time=dt)
         gn = engine.get_global_grad_norm()
         if gn is not None:
             stats["grad_norm"] = float(gn)
@@ -375,6 +379,15 @@ def train(cfg: Config) -> dict:
     tracker.finish()
     dist.barrier()
     return result
+
+
+def _truncate_metrics(path: Path, steps: int) -> None:
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line)["step"] <= steps]
+    if len(kept) != len(rows):
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def _pair_index(rows, kind, n):  # sequence order within a batch: chosen rows then rejected rows

@@ -81,3 +81,15 @@ def test_data_order_is_a_function_of_seed_and_step():
 def test_sft_export_reference():
     assert resolve_model_path("@sft", "runs/x") == "runs/x/sft/export"
     assert resolve_model_path("Qwen/Qwen2.5-Math-1.5B", "runs/x") == "Qwen/Qwen2.5-Math-1.5B"
+
+
+def test_resume_drops_metric_rows_past_the_checkpoint(tmp_path):
+    import json
+
+    from redi_ds.trainer import _truncate_metrics
+
+    f = tmp_path / "metrics.jsonl"
+    f.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)))
+    _truncate_metrics(f, 3)
+    assert [json.loads(x)["step"] for x in f.read_text().splitlines()] == [1, 2, 3]
+    _truncate_metrics(tmp_path / "absent.jsonl", 3)  # nothing to do
