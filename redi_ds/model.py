@@ -149,13 +149,8 @@ class FusedHead(nn.Module):
 
     def forward(self, hidden, targets, seq_ids=None, num_seqs=None, coeffs=None):
         """Returns (loss or None, sums [S], counts [S]). With ``coeffs``: loss = sum_s c_s sums_s (one pass)."""
-        from redi_ds import kernels
+        from redi_ds import kernels  # impl "reference" routes to the unfused logits path inside
 
-        if self.impl == "reference":
-            sums, counts = kernels.reference_sequence_logprobs(hidden, self.weight, targets, self.bias,
-                                                               seq_ids, num_seqs)
-            loss = None if coeffs is None else (coeffs.to(sums.dtype) * sums).sum()
-            return loss, sums, counts
         if coeffs is not None:
             loss, sums, counts = kernels.fused_linear_loss(hidden, self.weight, targets, coeffs, self.bias, seq_ids,
                                                            num_seqs, impl=self.impl, chunk_size=self.chunk_size)

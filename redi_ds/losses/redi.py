@@ -7,9 +7,9 @@ Linear in the sequence log-probs: c = -1/(B |y+|) on a chosen row, +alpha/(B |y-
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
+from redi_ds.kernels import redi_coefficients
 from redi_ds.losses.base import SequenceLoss, register_loss
 
 
@@ -27,10 +27,7 @@ class REDILoss(SequenceLoss):
         return cls(alpha=loss_cfg.alpha)
 
     def coefficients(self, counts: Tensor) -> Tensor:
-        b = counts.shape[0] // 2
-        n = counts.to(torch.float32)
-        sign = torch.cat([torch.full((b,), -1.0), torch.full((b,), self.alpha)]).to(n.device)
-        return sign / (b * n)
+        return redi_coefficients(counts, self.alpha)
 
     def forward(self, logps, counts, ref_logps=None):
         n = counts.to(logps.dtype)
