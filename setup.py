@@ -1,7 +1,8 @@
 """redi-ds: REDI (Reinforcement Distillation) for small reasoning models on DeepSpeed.
 
 The top-level ``kernels/`` folder ships as ``redi_ds.kernels`` (never as a top-level
-module ``kernels``: a PyPI package of that name exists and transformers probes for it).
+module ``kernels``: a PyPI package of that name exists and transformers probes for it), and
+``ds_configs/`` (the DeepSpeed JSON files) as ``redi_ds.ds_configs``, so a non-editable install trains.
 """
 
 from setuptools import setup
@@ -13,6 +14,7 @@ PACKAGES = [
     "redi_ds.losses",
     "redi_ds.eval",
     "redi_ds.kernels",
+    "redi_ds.ds_configs",
 ]
 
 setup(
@@ -23,11 +25,12 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=PACKAGES,
-    package_dir={"redi_ds.kernels": "kernels"},
+    package_dir={"redi_ds.kernels": "kernels", "redi_ds.ds_configs": "ds_configs"},
     package_data={
         "redi_ds": ["assets/tokenizer/*/*", "assets/data/*", "assets/eval/*", "assets/eval/*/*"],
         "redi_ds.configs": ["*.yaml"],
         "redi_ds.kernels": ["*.md"],
+        "redi_ds.ds_configs": ["*.json"],
     },
     include_package_data=False,
     # torch is deliberately unpinned here: GPU users keep their CUDA build; CPU installs
@@ -35,7 +38,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",
-        "transformers>=4.51",
+        "transformers>=4.56",  # sdpa packing from position_ids; the dtype= keyword
         "datasets>=3.0",
         "accelerate>=1.0",
         "safetensors",

@@ -33,7 +33,8 @@ import time
 
 import torch
 
-METHODS = ["naive", "liger_chunked_simpo", "liger_flce_none", "cce", "torch_twin", "torch_twin_c256", "triton"]
+METHODS = ["naive", "liger_chunked_simpo", "liger_flce_none", "cce", "torch_twin", "torch_twin_c1024",
+           "torch_twin_c256", "triton"]
 
 
 def _rss() -> int:
@@ -66,26 +67,29 @@ def make_inputs(args, device, dtype):
     weight.requires_grad_()
     labels = torch.randint(0, args.vocab, (rows, t), generator=g).to(device)
     labels[:, : int(t * args.prompt_frac)] = -100
-    from redi_ds.kernels import redi_coefficients
-    coeffs = redi_coefficients((labels != -100).sum(-1), 0.8).to(device)
+    # REDI-sized per-sequence coefficients (chosen rows -1/(B n), rejected +0.8/(B n)): inputs, not the loss
+    n = (labels != -100).sum(-1).float()
+    b = rows // 2
+    coeffs = (torch.tensor([-1.0] * b + [0.8] * (rows - b)) / (b * n)).to(device)
     return hidden, weight, labels, coeffs
 
 
 def build(method, hidden, weight, labels, coeffs, device):
     """A closure computing the loss (fresh graph each call); raises RuntimeError('skip: ...') if unavailable."""
-    from redi_ds.kernels import fused_linear_loss, reference_sequence_logprobs
+    from redi_ds.kernels import FusedHeadOptions, fused_linear_loss, reference_sequence_logprobs
 
     seq = torch.arange(labels.shape[0], device=device).unsqueeze(1).expand_as(labels)
     w_tok = torch.where(labels != -100, coeffs[seq], torch.zeros((), device=device))
     if method == "naive":
         return lambda: (coeffs * reference_sequence_logprobs(hidden, weight, labels)[0]).sum()
-    if method in ("torch_twin", "torch_twin_c256"):
-        chunk = 256 if method.endswith("c256") else 1024
-        return lambda: fused_linear_loss(hidden, weight, labels, coeffs, impl="torch", chunk_size=chunk)[0]
+    if method.startswith("torch_twin"):  # torch_twin: chunk_size "auto"; torch_twin_cN: N tokens per block
+        opts = FusedHeadOptions(impl="torch", chunk_size=int(method[len("torch_twin_c"):]) if "_c" in method
+                                else "auto")
+        return lambda: fused_linear_loss(hidden, weight, labels, coeffs, options=opts)[0]
     if method == "triton":
         if device != "cuda":
             raise RuntimeError("skip: GPU only (the CPU interpreter is for tests, far too slow at this size)")
-        return lambda: fused_linear_loss(hidden, weight, labels, coeffs, impl="triton")[0]
+        return lambda: fused_linear_loss(hidden, weight, labels, coeffs, options=FusedHeadOptions(impl="triton"))[0]
     if method == "liger_chunked_simpo":
         try:
             from liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
@@ -133,8 +137,8 @@ def run_one(args) -> dict:
             return {"method": args.only, "skip": str(e)[5:].strip()}
         raise
 
-    def step():
-        fn().backward()
+    def step():  # grad_output != 1 as DeepSpeed passes it (1/accum): the backward must scale in place
+        (fn() * args.grad_output).backward()
 
     def sync():
         if device == "cuda":
@@ -196,6 +200,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--grad-output", type=float, default=0.25, help="backward seed (DeepSpeed: 1/accum)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)
     p.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
@@ -215,7 +220,7 @@ def main(argv=None):
     base_cmd = [sys.executable, "-m", "redi_ds.kernels.bench_fused_head", "--device", args.device,
                 "--tokens", str(args.tokens), "--rows", str(args.rows), "--hidden", str(args.hidden),
                 "--vocab", str(args.vocab), "--prompt-frac", str(args.prompt_frac), "--reps", str(args.reps),
-                "--warmup", str(args.warmup), "--threads", str(args.threads)]
+                "--warmup", str(args.warmup), "--threads", str(args.threads), "--grad-output", str(args.grad_output)]
 
     def child(extra):
         r = subprocess.run(base_cmd + extra, capture_output=True, text=True, env=dict(os.environ))
@@ -240,7 +245,8 @@ def main(argv=None):
     if floor:
         print(f"6NHV floor (N = non-ignored tokens; 3 x one measured GEMM): {floor * 1e3:.0f} ms")
     mem_how = "peak CUDA allocated - before" if gpu else "peak RSS (VmHWM) - RSS before"
-    print(f"memory: {mem_how}; work = extra - returned grads (dH + dW)\n")
+    print(f"memory: {mem_how}; work = extra - returned grads (dH + dW); backward seeded with "
+          f"{args.grad_output}\n")
     print("| method | fwd+bwd ms | x floor | x naive time | peak extra MiB | work MiB | % naive peak |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:

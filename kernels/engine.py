@@ -99,11 +99,11 @@ def row_op(opts: FusedHeadOptions, is_cuda: bool) -> tuple[str, Callable]:
     return impl, torch_rows
 
 
-def _block_buffer(n: int, weight: Tensor, opts: FusedHeadOptions) -> Optional[Tensor]:
+def _block_buffer(n: int, chunk: int, weight: Tensor) -> Optional[Tensor]:
     """The one [chunk, V] logits buffer, reused by every block of a pass (no page faults / allocator churn)."""
     if n == 0:
         return None
-    return torch.empty(min(n, opts.chunk_size), weight.shape[0], dtype=weight.dtype, device=weight.device)
+    return torch.empty(min(n, chunk), weight.shape[0], dtype=weight.dtype, device=weight.device)
 
 
 def _block_logits(impl: str, h_c: Tensor, weight: Tensor, bias: Optional[Tensor], cdt: torch.dtype,
@@ -128,9 +128,10 @@ def value_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sel: Sele
     n = sel.index.numel()
     logp = torch.empty(n, dtype=cdt, device=hidden.device)
     lse = torch.empty(n, dtype=cdt, device=hidden.device)
-    buf = _block_buffer(n, weight, opts)
-    for c0 in range(0, n, opts.chunk_size):
-        c1 = min(n, c0 + opts.chunk_size)
+    chunk = opts.chunk_for(weight.shape[0], weight.dtype, weight.device)
+    buf = _block_buffer(n, chunk, weight)
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
         h_c = h2.index_select(0, sel.index[c0:c1]).to(weight.dtype)
         z = _block_logits(impl, h_c, weight, bias, cdt, buf)
         lp, ls, _ = op(z, sel.targets[c0:c1], None, False)
@@ -173,10 +174,11 @@ def grad_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sel: Selec
         gw = torch.zeros(weight.shape, dtype=torch.float32 if acc_fp32 else mdt, device=dev)
     gb = torch.zeros(weight.shape[0], dtype=cdt, device=dev) if need_b else None
     r_all = -coef_tok.to(cdt)  # d loss / d z = r * G
-    buf = _block_buffer(n, weight, opts)
+    chunk = opts.chunk_for(weight.shape[0], weight.dtype, weight.device)
+    buf = _block_buffer(n, chunk, weight)
 
-    for c0 in range(0, n, opts.chunk_size):
-        c1 = min(n, c0 + opts.chunk_size)
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
         idx = sel.index[c0:c1]
         h_c = h2.index_select(0, idx).to(mdt)
         z = _block_logits(impl, h_c, weight, bias, cdt, buf)

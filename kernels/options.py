@@ -1,15 +1,23 @@
-"""Options of the fused LM-head log-prob kernels, in one frozen dataclass (cut-cross-entropy style).
+"""Options of the fused LM-head kernels, in one frozen dataclass (cut-cross-entropy style).
 
-Nothing here imports triton; ``resolve_impl`` only asks whether it *could* be imported when the
-tensors live on CUDA.
+The same dataclass is the ``kernel`` section of the training config (``redi_ds.config``), so there is one
+options type from the YAML file to the kernel. Nothing here imports triton; ``resolve_impl`` only asks
+whether it *could* be imported when the tensors live on CUDA.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, replace
+from typing import Optional, Union
 
-IMPLS = ("auto", "torch", "triton")
+import torch
+
+IMPLS = ("auto", "torch", "triton", "reference")
+
+# chunk_size "auto": the [chunk, V] block buffer may use this many bytes (see FusedHeadOptions.chunk_for)
+BLOCK_BYTES = {"cuda": 256 * 2**20, "cpu": 128 * 2**20}
+CHUNK_MIN, CHUNK_MAX, CHUNK_ALIGN = 64, 16384, 64
 
 
 @dataclass(frozen=True)
@@ -17,10 +25,16 @@ class FusedHeadOptions:
     """How the fused head runs. Every field has a default that suits the trainer.
 
     impl: "triton" (Triton row kernel + cuBLAS matmuls), "torch" (the chunked PyTorch twin of the same
-        algorithm; the CPU path) or "auto" (triton for CUDA tensors when triton imports, torch elsewhere).
-    chunk_size: tokens per block. The only [block x V] buffer lives for one block, so this sets the memory:
-        block x V x (2 bytes bf16 on the triton path; 4 bytes fp32 on the torch path). 1024 x 151,936 bf16
-        is 311 MB. Smaller blocks cost little speed as long as the matmuls stay large (>= 256 tokens).
+        algorithm; the CPU path), "reference" (the unfused logits path: the test oracle, materialises
+        [tokens x V]) or "auto" (triton for CUDA tensors when triton imports, torch elsewhere).
+    chunk_size: tokens per block, or "auto". The only [block x V] buffer lives for one block, so this sets
+        the working memory: block x V x bytes per logit (the weight dtype on the triton path; fp32 on the
+        torch path, plus the weight-dtype matmul output when that is not fp32). "auto" picks
+        ``floor(budget / (V x bytes per logit))`` rounded down to a multiple of 64 and clipped to
+        [64, 16384], with a budget of 256 MiB on CUDA and 128 MiB on CPU: 832 tokens for Qwen's
+        V = 151,936 in bf16 on a GPU, 192 on a CPU in fp32 (220 rounded down); up to 16,384 tokens a block
+        for a small vocabulary. Measured on CPU (kernels/BENCHMARKS.md): 192 runs as fast as 256 or 1024
+        while its block is a fifth of 1024's; below ~128 the matmuls get too small and time grows.
     block_v: vocabulary tile of the Triton row kernel (a power of two; clipped to next_pow2(V)). Tests use
         a small tile to exercise the multi-tile online softmax.
     num_warps: Triton warps per row program (None: 32 for big tiles, fewer for small).
@@ -30,21 +44,35 @@ class FusedHeadOptions:
     """
 
     impl: str = "auto"
-    chunk_size: int = 1024
+    chunk_size: Union[int, str] = "auto"
     block_v: int = 32768
-    num_warps: int | None = None
+    num_warps: Optional[int] = None
     fp32_weight_grad: bool = False
 
     def __post_init__(self):
         if self.impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
-        if int(self.chunk_size) < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-        if self.block_v < 16 or self.block_v & (self.block_v - 1):
-            raise ValueError(f"block_v must be a power of two >= 16, got {self.block_v}")
+            raise ValueError(f"impl = {self.impl!r}; expected one of {', '.join(IMPLS)}")
+        if self.chunk_size != "auto" and (not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool)
+                                          or self.chunk_size < 1):
+            raise ValueError(f"chunk_size = {self.chunk_size!r}; expected 'auto' or an integer >= 1")
+        if not isinstance(self.block_v, int) or self.block_v < 16 or self.block_v & (self.block_v - 1):
+            raise ValueError(f"block_v = {self.block_v}; expected a power of two >= 16")
+        if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"num_warps = {self.num_warps}; expected null or a power of two in [1, 32]")
 
     def with_(self, **kw) -> "FusedHeadOptions":
         return replace(self, **kw)
+
+    def chunk_for(self, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+        """Tokens per block for a [V, H] head of this dtype on this device (resolves "auto")."""
+        if self.chunk_size != "auto":
+            return int(self.chunk_size)
+        impl = resolve_impl(self.impl, device.type == "cuda")
+        elem = torch.empty((), dtype=dtype).element_size()
+        per_logit = elem if impl == "triton" else 4 + (0 if dtype == torch.float32 else elem)
+        budget = BLOCK_BYTES["cuda" if device.type == "cuda" else "cpu"]
+        rows = budget // max(1, vocab * per_logit)
+        return max(CHUNK_MIN, min(CHUNK_MAX, rows // CHUNK_ALIGN * CHUNK_ALIGN))
 
 
 def triton_available() -> bool:
@@ -52,9 +80,9 @@ def triton_available() -> bool:
 
 
 def resolve_impl(impl: str, is_cuda: bool) -> str:
-    """'auto' -> 'triton' on CUDA (when triton is installed), 'torch' elsewhere."""
+    """'auto' -> 'triton' on CUDA (when triton is installed), 'torch' elsewhere; others as given."""
     if impl == "auto":
         return "triton" if is_cuda and triton_available() else "torch"
-    if impl not in ("torch", "triton"):
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
     return impl

@@ -17,6 +17,7 @@ Memory traffic per row: 2 reads + 1 write of V elements (1 read + 1 write when l
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -82,6 +83,13 @@ def triton_rows(x: Tensor, targets: Tensor, lse: Optional[Tensor] = None, write_
     return (None if has_lse else logp), lse, x
 
 
+def _interpreter_on() -> bool:
+    """The flag @triton.jit reads when it decorates: knobs.runtime.interpret (TRITON_INTERPRET before 3.3)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# triton decides at decoration time whether a @triton.jit function runs in the CPU interpreter.
-INTERPRETED = type(_head_rows_kernel).__name__ == "InterpretedFunction"
+
+# read at import, the moment the kernel above was decorated: it runs in the CPU interpreter iff this is set
+INTERPRETED = _interpreter_on()

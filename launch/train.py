@@ -33,7 +33,9 @@ def main(argv=None) -> int:
 
     from redi_ds.config import ConfigError, load_config
     from redi_ds.data import DataError
+    from redi_ds.errors import TrainingError
 
+    rank0 = os.environ.get("RANK", "0") == "0"
     try:
         cfg = load_config(args.config, stage=args.stage, overrides=rest)
         plan = [cfg]
@@ -48,25 +50,31 @@ def main(argv=None) -> int:
         for c in plan:
             log0(f"stage {c.stage}: {c.run.output_dir}/{c.stage} (config {getattr(c, '_source', args.config)})")
             results.append(train(c))
-            if results[-1].get("preempted"):
+            if results[-1].status == "preempted":
                 break
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, DataError, TrainingError) as e:
+        if rank0 or getattr(e, "local", False):
+            prefix = "" if rank0 else f"[rank {os.environ.get('RANK')}] "
+            print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        _close()
+        return 1 if isinstance(e, TrainingError) else 2
     for r in results:
-        if r.get("preempted"):
+        if r.status != "done":
             continue
-        log0(f"stage {r['stage']} done: {r['steps']} steps, final loss {r['final'].get('loss', float('nan')):.4f}")
-        if r.get("export"):
-            log0(f"  exported model: {os.path.abspath(r['export'])}")
-        if r.get("run_id"):
-            log0(f"  MLflow run {r['run_id']} at {r['tracking_uri']}  (mlflow ui --backend-store-uri "
-                 f"{r['tracking_uri']})")
+        log0(f"stage {r.stage} done: {r.steps} steps, final loss {r.final.get('loss', float('nan')):.4f}")
+        if r.export:
+            log0(f"  exported model: {os.path.abspath(r.export)}")
+        if r.run_id:
+            log0(f"  MLflow run {r.run_id} at {r.tracking_uri}  (mlflow ui --backend-store-uri {r.tracking_uri})")
+    _close()
+    return 0
+
+
+def _close() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ naming the file and the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +27,9 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
+
+from redi_ds.eval.options import EvalOptions
+from redi_ds.kernels.options import FusedHeadOptions
 
 PAPER_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -38,7 +43,7 @@ class RunConfig:
     name: str = "run"
     output_dir: str = "runs/run"  # each stage writes under {output_dir}/{stage}
     seed: int = 42
-    resume: str = "auto"  # auto: resume when the stage dir holds a complete checkpoint; never; or a path
+    resume: str = "auto"  # auto: resume from the stage dir's latest complete checkpoint; never; or a path
 
 
 @dataclass
@@ -99,8 +104,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     log_every: int = 1
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # newest checkpoints of this run kept; 0: keep all
     export: bool = True  # HF-format export (safetensors + tokenizer) at the end
+    max_nonfinite_steps: int = 2  # this many consecutive steps with a NaN/inf loss or grad norm stop the run
     stop_after_steps: int = 0  # testing aid: exit cleanly (with a checkpoint) after N steps, like a preemption
 
 
@@ -110,12 +116,6 @@ class LossConfig:
     alpha: float = 0.8  # REDI: weight of the rejected term
     beta: float = 0.1  # DPO / SimPO temperature
     gamma: float = 1.0  # SimPO target reward margin, subtracted inside the sigmoid
-
-
-@dataclass
-class KernelConfig:
-    impl: str = "auto"  # auto | torch | triton | reference (the unfused logits path)
-    chunk_size: int = 1024  # tokens per block for the torch twin
 
 
 @dataclass
@@ -134,15 +134,12 @@ class TrackingConfig:
 
 
 @dataclass
-class EvalConfig:
-    benchmarks: list[str] = field(default_factory=list)  # evaluated on the export at the end of training
-    samples: int = 1
-    temperature: float = 0.6
-    top_p: float = 0.95
+class EvalConfig(EvalOptions):
+    """Evaluation of the export at the end of training: ``benchmarks`` plus the options of ``run_eval``
+    (redi_ds.eval.EvalOptions). ``system_prompt`` defaults to the training run's ``data.system_prompt``."""
+
+    benchmarks: list[str] = field(default_factory=list)  # empty: no evaluation
     max_new_tokens: int = 512
-    limit: int = 0  # >0: first N problems of each benchmark
-    backend: str = "auto"  # auto (vllm when installed on CUDA, else hf) | hf | vllm
-    force_think: bool = False
 
 
 @dataclass
@@ -153,7 +150,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    kernel: KernelConfig = field(default_factory=KernelConfig)
+    kernel: FusedHeadOptions = field(default_factory=FusedHeadOptions)  # the fused head (redi_ds.kernels)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -215,6 +212,9 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+_FLAG = re.compile(r"--[A-Za-z_]")  # the next option, never a value ("-1", "-.5" and "--" stay values)
+
+
 def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
     """``["--loss.alpha", "0.5", "--train.lr=1e-6"]`` -> ``[("loss.alpha", 0.5), ("train.lr", 1e-6)]``."""
     out: list[tuple[str, Any]] = []
@@ -228,7 +228,7 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
             key, raw = key.split("=", 1)
             i += 1
         else:
-            if i + 1 >= len(argv):
+            if i + 1 >= len(argv) or _FLAG.match(argv[i + 1]):
                 raise ConfigError(f"override --{key} has no value")
             raw = argv[i + 1]
             i += 2
@@ -262,11 +262,22 @@ def load_config(name_or_path: str = "tiny", stage: Optional[str] = None,
     merged["stage"] = stage
     for key, value in parse_overrides(overrides or []):
         _set_dotted(merged, key, value)
+    _inherit(merged, "eval.system_prompt", "data.system_prompt")  # evaluate with the prompt it trained on
     cfg = from_dict(Config, merged, source=source)
     validate(cfg, source)
     cfg._source = source  # type: ignore[attr-defined]
     cfg._stages = list(stages)  # type: ignore[attr-defined]
     return cfg
+
+
+def _inherit(tree: dict, key: str, source: str) -> None:
+    """``key`` takes ``source``'s value unless it is set itself (both dotted, two levels)."""
+    (ks, kk), (ss, sk) = key.split("."), source.split(".")
+    node, src = tree.get(ks), tree.get(ss)
+    if isinstance(src, dict) and sk in src and not (isinstance(node, dict) and kk in node):
+        if node is not None and not isinstance(node, dict):
+            return  # from_dict reports the bad section
+        tree.setdefault(ks, {})[kk] = src[sk]
 
 
 def stage_names(name_or_path: str) -> list[str]:
@@ -353,17 +364,19 @@ def from_dict(cls: type, data: dict, *, source: str = "", prefix: str = "") -> A
         except ConfigError as e:
             msg = str(e)
             raise ConfigError(f"{source}: {msg}" if source and not msg.startswith(source) else msg) from None
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a section that validates itself (kernel: FusedHeadOptions)
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{source + ': ' if source else ''}{where}{e}") from None
 
 
 # ----------------------------------------------------------------------------- validation
 
 _CHOICES = {
-    "run.resume": None,
     "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "model.liger": ("auto", "on", "off"),
     "train.schedule": ("linear", "cosine", "constant"),
-    "kernel.impl": ("auto", "torch", "triton", "reference"),
     "deepspeed.precision": ("auto", "bf16", "fp16", "fp32"),
 }
 
@@ -373,8 +386,6 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: {msg}")
 
     for dotted, choices in _CHOICES.items():
-        if choices is None:
-            continue
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
@@ -386,8 +397,17 @@ def validate(cfg: Config, source: str = "config") -> None:
     if not 0.0 <= cfg.loss.alpha <= 1.0:
         fail(f"loss.alpha = {cfg.loss.alpha}; REDI's alpha lies in [0, 1]")
     t = cfg.train
-    if t.lr <= 0:
-        fail(f"train.lr = {t.lr}; must be > 0")
+    for name, value, low in (("lr", t.lr, "> 0"), ("adam_eps", t.adam_eps, "> 0"), ("grad_clip", t.grad_clip, ">= 0"),
+                             ("weight_decay", t.weight_decay, ">= 0"), ("min_lr_ratio", t.min_lr_ratio, ">= 0")):
+        if not math.isfinite(value) or (value <= 0 if low == "> 0" else value < 0):
+            fail(f"train.{name} = {value}; must be a finite number {low}")
+    for name in ("save_every", "keep_checkpoints", "stop_after_steps", "max_steps"):
+        if getattr(t, name) < 0:
+            fail(f"train.{name} = {getattr(t, name)}; must be >= 0")
+    if t.max_nonfinite_steps < 1 or t.log_every < 1:
+        fail("train.max_nonfinite_steps and train.log_every must be >= 1")
+    if not all(0.0 <= b < 1.0 for b in t.adam_betas):
+        fail(f"train.adam_betas = {t.adam_betas}; each must be in [0, 1)")
     if not 0.0 <= t.warmup_ratio < 1.0:
         fail(f"train.warmup_ratio = {t.warmup_ratio}; must be in [0, 1)")
     if t.micro_batch_size < 1 or t.global_batch_size < 1:
@@ -395,17 +415,30 @@ def validate(cfg: Config, source: str = "config") -> None:
     if t.global_batch_size % t.micro_batch_size:
         fail(f"train.global_batch_size ({t.global_batch_size}) is not a multiple of "
              f"train.micro_batch_size ({t.micro_batch_size})")
-    if t.epochs < 1 and t.max_steps < 1:
-        fail("train.epochs or train.max_steps must be >= 1")
     if len(t.adam_betas) != 2:
         fail("train.adam_betas must have two values")
+    if t.epochs < 1 and t.max_steps < 1:
+        fail("train.epochs or train.max_steps must be >= 1")
     d = cfg.data
     if not d.path:
         fail("data.path is empty")
     if d.max_prompt_length < 1 or d.max_length <= d.max_prompt_length:
         fail(f"data.max_length ({d.max_length}) must exceed data.max_prompt_length ({d.max_prompt_length})")
-    if cfg.kernel.chunk_size < 1:
-        fail("kernel.chunk_size must be >= 1")
+    r = cfg.run.resume
+    if r not in ("auto", "never") and not (Path(r).is_dir() and Path(r).parent.is_dir()):
+        fail(f"run.resume = {r!r}: not a checkpoint folder (expected auto, never, or a folder such as "
+             f"runs/NAME/STAGE/checkpoints/step_N)")
+    from redi_ds import ds_config  # light: finds the JSON (bundled or a path); its ZeRO keys are checked later
+    from redi_ds.eval.errors import EvalError
+
+    try:
+        ds_config.locate(cfg.deepspeed.config)
+    except ConfigError as e:
+        fail(str(e))
+    try:
+        cfg.eval.check()
+    except EvalError as e:
+        fail(f"eval: {e}")
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:

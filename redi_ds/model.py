@@ -19,7 +19,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from redi_ds.config import ConfigError, KernelConfig, ModelConfig
+from redi_ds.config import ConfigError, ModelConfig
+from redi_ds.kernels.options import FusedHeadOptions
+from redi_ds.losses.base import StepTotals
 
 BUNDLED_TOKENIZERS = {"qwen2.5": "assets/tokenizer/qwen2.5"}
 BUNDLED_TEMPLATES = {
@@ -137,51 +139,102 @@ def apply_liger(model, mode: str) -> bool:
     return True
 
 
-class FusedHead(nn.Module):
-    """Replaces ``lm_head``: holds the same weight (and bias) Parameters, computes log-probs, not logits."""
+class Unhooked:
+    """Carries a value past DeepSpeed's ZeRO-3 module hooks, which look for tensors only in tensors, tuples,
+    lists and dicts. A linear loss's head forms every gradient in its forward pass, so its module must not
+    schedule the backward gather of the [V, H] weight that DeepSpeed's pre-backward hook would make (the
+    forward gather, and the reduce-scatter of the weight's gradient, still happen as usual)."""
 
-    def __init__(self, lm_head: nn.Linear, kernel: KernelConfig):
+    def __init__(self, value):
+        self.value = value  # a tuple: DeepSpeed's post-forward hook reads vars() for parameters, finds none
+
+
+class FusedHead(nn.Module):
+    """Replaces ``lm_head``: holds the same weight (and bias) Parameters, computes log-probs, not logits.
+
+    ``forward(hidden, targets, seq_ids, num_seqs)`` -> (None, sums, counts): differentiable sums, the
+    two-pass form (its backward needs the weight, so DeepSpeed gathers it for the backward too).
+    ``forward(hidden, targets, seq_ids, num_seqs, coeffs)`` -> (share, sums, counts): a linear loss in one
+    pass, gradients formed in forward. Wrapped as ``forward(Unhooked((...)))`` -> ``Unhooked((...))`` the
+    same call hides from DeepSpeed's backward hooks (see PolicyModel: tied heads only).
+    """
+
+    def __init__(self, lm_head: nn.Linear, options: FusedHeadOptions):
         super().__init__()
         self.weight = lm_head.weight
         self.bias = lm_head.bias
-        self.impl = kernel.impl
-        self.chunk_size = kernel.chunk_size
+        self.options = options
 
-    def forward(self, hidden, targets, seq_ids=None, num_seqs=None, coeffs=None):
-        """Returns (loss or None, sums [S], counts [S]). With ``coeffs``: loss = sum_s c_s sums_s (one pass)."""
-        from redi_ds import kernels  # impl "reference" routes to the unfused logits path inside
+    def forward(self, hidden, targets=None, seq_ids=None, num_seqs=None, coeffs=None):
+        if isinstance(hidden, Unhooked):
+            return Unhooked(self._head(*hidden.value))
+        return self._head(hidden, targets, seq_ids, num_seqs, coeffs)
+
+    def _head(self, hidden, targets, seq_ids, num_seqs, coeffs):
+        from redi_ds import kernels
 
         if coeffs is not None:
-            loss, sums, counts = kernels.fused_linear_loss(hidden, self.weight, targets, coeffs, self.bias, seq_ids,
-                                                           num_seqs, impl=self.impl, chunk_size=self.chunk_size)
-            return loss, sums, counts
+            return kernels.fused_linear_loss(hidden, self.weight, targets, coeffs, self.bias, seq_ids, num_seqs,
+                                             options=self.options)
         sums, counts = kernels.fused_sequence_logprobs(hidden, self.weight, targets, self.bias, seq_ids, num_seqs,
-                                                       impl=self.impl, chunk_size=self.chunk_size)
+                                                       options=self.options)
         return None, sums, counts
 
 
 class PolicyModel(nn.Module):
-    """The trained module: HF body + fused head + a sequence loss; ``forward(batch)`` -> (loss, metrics)."""
+    """The trained module: HF body + fused head + a sequence loss.
 
-    def __init__(self, hf_model, loss_fn, kernel: KernelConfig):
+    ``forward(batch, totals, ref_logps)`` -> (this micro batch's share of the step objective, metrics).
+    """
+
+    def __init__(self, hf_model, loss_fn, head_options: FusedHeadOptions):
         super().__init__()
         self.hf = hf_model
-        self.hf.lm_head = FusedHead(hf_model.lm_head, kernel)
+        # Tied head (Qwen2.5-1.5B): the embedding's backward gathers the shared weight anyway, and ZeRO-3
+        # accumulates the head's gradient into it then, so the one-pass head can hide from the backward
+        # hooks and save a [V, H] gather. An untied head cannot: ZeRO-3 accumulates a gradient into the
+        # resident parameter, so its weight must be gathered when its gradient arrives.
+        self.tied = hf_model.lm_head.weight is hf_model.get_input_embeddings().weight
+        self.hf.lm_head = FusedHead(hf_model.lm_head, head_options)
         self.loss_fn = loss_fn
+        _quiet_deepspeed_about(Unhooked)
 
     def sequence_logprobs(self, batch: dict, coeffs: Optional[torch.Tensor] = None):
+        """(share or None, sums [S], counts [S]); with ``coeffs`` the one-pass linear form."""
         out = self.hf.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             position_ids=batch["position_ids"], use_cache=False)
         hidden = out.last_hidden_state  # [R, T, H]
-        return self.hf.lm_head(hidden, batch["targets"], batch["seq_ids"], batch["num_seqs"], coeffs)
+        args = (hidden, batch["targets"], batch["seq_ids"], batch["num_seqs"], coeffs)
+        if coeffs is not None and self.tied:
+            return self.hf.lm_head(Unhooked(args)).value
+        return self.hf.lm_head(*args)
 
-    def forward(self, batch: dict, counts: torch.Tensor, ref_logps: Optional[torch.Tensor] = None):
-        coeffs = self.loss_fn.coefficients(counts) if self.loss_fn.linear else None
-        fused_loss, sums, counts = self.sequence_logprobs(batch, coeffs)
-        if fused_loss is not None:
-            _, metrics = self.loss_fn(sums.detach(), counts)
-            return fused_loss, metrics
-        return self.loss_fn(sums, counts, ref_logps)
+    def forward(self, batch: dict, totals: StepTotals, ref_logps: Optional[torch.Tensor] = None):
+        counts = batch["counts"]  # [S], from the collated targets: known before the pass
+        if self.loss_fn.linear:
+            share, sums, _ = self.sequence_logprobs(batch, self.loss_fn.coefficients(counts, totals))
+        else:
+            _, sums, _ = self.sequence_logprobs(batch)
+            share = self.loss_fn(sums, counts, totals, ref_logps)
+        return share, self.loss_fn.metrics(sums.detach(), counts, ref_logps)
+
+
+def _quiet_deepspeed_about(cls: type) -> None:
+    """DeepSpeed warns once that a module's inputs/outputs are of a type its hooks cannot look into: for
+    ``Unhooked`` that is the point, so that one message is dropped (any other type still warns)."""
+    import logging
+
+    marker = f"({cls!r})"
+
+    class _Drop(logging.Filter):
+        def filter(self, record):
+            return marker not in record.getMessage()
+
+    log = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _Drop.__mro__[0]) and getattr(f, "marker", None) == marker for f in log.filters):
+        f = _Drop()
+        f.marker = marker
+        log.addFilter(f)
 
 
 def export_hf(state_dict: dict, hf_model, tokenizer, out_dir: str) -> None:

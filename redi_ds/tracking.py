@@ -41,13 +41,22 @@ class Tracker:
         self._thread: Optional[threading.Thread] = None
 
     # -- public API: each only enqueues
-    def start(self, params: dict[str, Any], run_id: Optional[str] = None, timeout: float = 30.0) -> Optional[str]:
+    def start(self, params: dict[str, Any], run_id: Optional[str] = None, timeout: float = 30.0, *,
+              run_name: Optional[str] = None, tags: Optional[dict[str, str]] = None,
+              parent_run_id: Optional[str] = None) -> Optional[str]:
+        """Start (or, with ``run_id``, reopen) the run; ``run_name`` and ``tags`` name it for browsing, and
+        ``parent_run_id`` nests it under another run (``mlflow.parentRunId``)."""
         if not self.enabled:
             return None
         # fail fast instead of mlflow's minutes of HTTP retries when a server is down
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        self._thread = threading.Thread(target=self._worker, args=(params, run_id), daemon=True, name="mlflow")
+        if run_name:
+            self.run_name = run_name
+        tags = {k: str(v) for k, v in (tags or {}).items()}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        self._thread = threading.Thread(target=self._worker, args=(params, run_id, tags), daemon=True, name="mlflow")
         self._thread.start()
         self._started.wait(timeout)
         return self.run_id
@@ -80,14 +89,14 @@ class Tracker:
             print(f"[redi-ds] warning: MLflow {what} failed at {self.uri} ({type(e).__name__}: {first}); "
                   "tracking is off for the rest of this run, training goes on", file=sys.stderr, flush=True)
 
-    def _worker(self, params: dict, run_id: Optional[str]) -> None:
+    def _worker(self, params: dict, run_id: Optional[str], tags: dict) -> None:
         try:
             import mlflow
 
             mlflow.set_tracking_uri(self.uri)
             if run_id is None:
                 mlflow.set_experiment(self.experiment)
-                run = mlflow.start_run(run_name=self.run_name)
+                run = mlflow.start_run(run_name=self.run_name, tags=tags or None)
             else:
                 run = mlflow.start_run(run_id=run_id)
             self.run_id = run.info.run_id

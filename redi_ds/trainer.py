@@ -1,14 +1,29 @@
-"""The training loop, top to bottom: build, (reference pass), step, log, checkpoint, resume, export.
+"""The training loop, top to bottom:
+
+    run = build(cfg)                    # checks, data, process group, stage lock, engine, reference pass,
+                                        # resume, tracking
+    for step in range(run.start_step, run.total_steps):
+        stats = train_step(run, step)   # one optimizer step over every micro batch of every rank
+        record(run, stats)              # metrics.jsonl, MLflow, progress bar; stops a diverged run
+        ...checkpoint every train.save_every steps, or once on a stop request, then return
+    finish(run)                         # final checkpoint, HF export, evaluation, the done marker
 
 One optimizer step consumes ``train.global_batch_size`` examples (SFT rows or pairs): every rank takes
-``micro_batch_size`` examples per forward, ``accum`` forwards per step, so
-``global = micro * accum * world``. The data order is a function of (seed, epoch) only, and step ``s``
-always reads the same examples, so a resumed run sees exactly what the uninterrupted one saw.
+``micro_batch_size`` examples per forward, ``accum`` forwards per step, so ``global = micro * accum * world``.
+The data order is a function of (seed, epoch) only and step ``s`` always reads the same examples, so a
+resumed run sees exactly what the uninterrupted one saw.
 
-Stopping early: SIGUSR1 / SIGTERM, or the file named by ``$REDI_DS_STOP_FILE`` appearing, makes every
-rank save a checkpoint at the next step boundary and return (``{stage_dir}/preempted`` marks it).
-A checkpoint is complete or absent: ``checkpoints/latest`` moves (atomically, by rank 0) only after
-every rank has written its shard.
+The objective of a step does not depend on how it is split: each loss returns its micro batch's share of the
+step objective, normalised by the step's totals (``StepTotals``: examples and response tokens of the whole
+step, known before the forward from the encoded lengths), and ``engine.backward(share * accum * world)``
+undoes DeepSpeed's 1/accum scaling and its mean over ranks, so the step's gradient is the gradient of the
+sum of the shares. The logged loss is that sum.
+
+Stopping early: SIGUSR1 / SIGTERM, or the file named by ``$REDI_DS_STOP_FILE`` appearing, makes every rank
+save a checkpoint at the next step boundary and return (``{stage_dir}/preempted`` marks it). A run whose loss
+or grad norm is NaN/inf for ``train.max_nonfinite_steps`` consecutive steps stops with a one-line error and
+no export; it never writes a checkpoint of non-finite weights. Checkpoints: see ``redi_ds.checkpoints``.
+Rerunning a finished stage with the same config says so and exits (``run.resume: never`` retrains).
 """
 
 from __future__ import annotations
@@ -16,25 +31,473 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
+import socket
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
-from redi_ds.config import Config, grad_accum_steps, save_config
+from redi_ds.checkpoints import CheckpointStore, log0
+from redi_ds.config import Config, ConfigError, grad_accum_steps, save_config
 from redi_ds.data import DataError
-from redi_ds.data.collate import collate, token_counts
-from redi_ds.losses import build_loss
+from redi_ds.data.collate import collate
+from redi_ds.errors import TrainingError
+from redi_ds.losses import SequenceLoss, StepTotals, build_loss
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def log0(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"[redi-ds] {msg}", flush=True)
+# ----------------------------------------------------------------------------- what a step and a run return
+
+
+@dataclass
+class StepStats:
+    step: int                # optimizer steps done, this one included (1-based)
+    loss: float              # the step objective (sum of the micro batches' shares over all ranks)
+    metrics: dict            # the loss's metrics, averaged over the step's micro batches and ranks
+    lr: float                # the rate this step used
+    grad_norm: Optional[float]
+    tokens: int              # input tokens (prompt + response, no padding) of the step, all ranks
+    target_tokens: int       # response tokens of the step (what SFT normalises by)
+    step_time: float
+    skipped: bool            # DeepSpeed did not apply the update (overflow)
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and (self.grad_norm is None or math.isfinite(self.grad_norm))
+
+    def row(self) -> dict:
+        out = {"step": self.step, "loss": self.loss, **self.metrics, "lr": self.lr}
+        if self.grad_norm is not None:
+            out["grad_norm"] = self.grad_norm
+        out.update(tokens=self.tokens, target_tokens=self.target_tokens,
+                   tokens_per_s=self.tokens / self.step_time if self.step_time > 0 else 0.0,
+                   step_time=self.step_time, skipped=int(self.skipped))
+        return out
+
+
+@dataclass
+class TrainResult:
+    stage: str
+    stage_dir: str
+    steps: int
+    status: str                   # "done" | "preempted" | "already_done"
+    final: dict = field(default_factory=dict)  # the last step's metrics row
+    export: Optional[str] = None
+    run_id: Optional[str] = None
+    tracking_uri: Optional[str] = None
+    eval: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Run:
+    """Everything ``build`` set up; ``train_step`` / ``record`` / ``finish`` read it."""
+
+    cfg: Config
+    rank: int
+    world: int
+    accum: int
+    precision: str
+    device: torch.device
+    kind: str                    # "sft" | "pairs"
+    data: Any                    # datasets.Dataset of encoded rows
+    lengths: torch.Tensor        # [N] response tokens per example (chosen + rejected for pairs)
+    tokenizer: Any
+    hf_model: Any
+    loss_fn: SequenceLoss
+    engine: Any
+    scheduler: Any
+    ref_logps: Optional[torch.Tensor]
+    start_step: int
+    total_steps: int
+    store: CheckpointStore
+    tracker: Any
+    lock: "StageLock"
+    stop: "StopRequest"
+    bar: Any
+    guard: "DivergenceGuard"
+    last: dict = field(default_factory=dict)
+    skipped_steps: int = 0
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.cfg.stage_dir
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.cfg.stage_dir / "metrics.jsonl"
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: Config) -> TrainResult:
+    previous = finished(cfg)
+    if previous is not None:
+        log0(f"stage {cfg.stage} is already done ({previous.steps} steps, {cfg.stage_dir}); "
+             "--run.resume never trains it again")
+        return previous
+    run = build(cfg)
+    try:
+        for step in range(run.start_step, run.total_steps):
+            stats = train_step(run, step)
+            record(run, stats)
+            done = stats.step
+            stop = done < run.total_steps and (run.stop.agreed() or done == cfg.train.stop_after_steps)
+            every = cfg.train.save_every
+            if stop or (every and done % every == 0 and done < run.total_steps):
+                save(run, done)
+            if stop:
+                return preempted(run, done)
+        return finish(run)
+    except BaseException:
+        run.tracker.finish("FAILED")
+        raise
+    finally:
+        run.bar.close()
+        run.lock.release()
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def build(cfg: Config) -> Run:
+    import deepspeed
+
+    from redi_ds import ds_config
+    from redi_ds.model import PolicyModel, apply_liger, build_model, load_tokenizer, resolve_model_path
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    # everything a user can get wrong is checked before the data load and the process group
+    accum = grad_accum_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    precision = resolve_precision(cfg.deepspeed.precision)
+    ds = ds_config.build(cfg, accum, precision)
+    ds_config.validate_zero(ds, getattr(cfg, "_source", "config"))
+    torch.manual_seed(cfg.run.seed)
+    loss_fn = build_loss(cfg.loss)
+    kind = "pairs" if loss_fn.paired else "sft"
+    model_path = resolve_model_path(cfg.model.name_or_path, cfg.run.output_dir)
+    tokenizer = load_tokenizer(cfg.model, model_path)
+    data, lengths = load_data(cfg, kind, tokenizer)
+    total_steps = count_steps(cfg, len(data))
+
+    rank, world = init_distributed()
+    device = _device()
+    lock = StageLock.acquire(cfg.stage_dir, rank)
+    store = CheckpointStore(cfg.stage_dir, rank)
+    store.clean_partials()
+    resume_from = resume_point(cfg, store)
+    start_step = 0 if resume_from is None else store.check_resumable(resume_from, world, cfg.train.global_batch_size)
+
+    hf_model = build_model(cfg.model, model_path, torch.float32 if precision == "fp16" else DTYPES[precision],
+                           cfg.run.seed)
+    apply_liger(hf_model, cfg.model.liger)
+    policy = PolicyModel(hf_model, loss_fn, cfg.kernel)
+    optimizer = make_optimizer(policy, cfg, "offload_optimizer" in ds["zero_optimization"])
+    warmup = math.ceil(cfg.train.warmup_ratio * total_steps)
+    schedule = lr_lambda(cfg.train.schedule, warmup, total_steps, cfg.train.min_lr_ratio)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=policy, optimizer=optimizer, config=ds,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+
+    # reference log-probs (DPO): one pass with the initial weights, before any update (also on resume)
+    ref_logps = reference_pass(engine, data, kind, tokenizer.pad_token_id, cfg, rank, world, device) \
+        if loss_fn.needs_reference else None
+
+    if resume_from is not None:
+        _, client = engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name)
+        start_step = int(client["step"])
+        log0(f"resumed from {resume_from} at step {start_step}")
+    if resume_from is None or resume_from.parent != store.root:
+        store.move_aside("run.resume: never" if resume_from is None else f"resuming from {resume_from}")
+    tracker = start_tracking(cfg, rank, world, accum, len(data), start_step, total_steps, model_path)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=start_step, desc=cfg.stage, disable=rank != 0, dynamic_ncols=True)
+    engine.train()
+    return Run(cfg=cfg, rank=rank, world=world, accum=accum, precision=precision, device=device, kind=kind,
+               data=data, lengths=lengths, tokenizer=tokenizer, hf_model=hf_model, loss_fn=loss_fn, engine=engine,
+               scheduler=scheduler, ref_logps=ref_logps, start_step=start_step, total_steps=total_steps,
+               store=store, tracker=tracker, lock=lock, stop=StopRequest(), bar=bar,
+               guard=DivergenceGuard(cfg.train.max_nonfinite_steps))
+
+
+def load_data(cfg: Config, kind: str, tokenizer):
+    """Encoded rows (over-long ones skipped and counted) and their response-token counts [N]."""
+    from redi_ds.data.sources import load_source
+    from redi_ds.data.tokenize import ChatEncoder, encode_dataset
+
+    raw = load_source(cfg.data.path, kind, cfg.data.split, synthetic_size=cfg.data.synthetic_size, seed=cfg.run.seed)
+    if cfg.data.limit > 0:
+        raw = raw.select(range(min(cfg.data.limit, len(raw))))
+    encoder = ChatEncoder(tokenizer, cfg.data.system_prompt)
+    data, skipped = encode_dataset(raw, kind, encoder, cfg.data.max_prompt_length, cfg.data.max_length)
+    log0(f"data {cfg.data.path} ({kind}): {skipped.line()}")
+    if len(data) < cfg.train.global_batch_size:
+        raise DataError(f"{cfg.data.path}: {len(data)} usable examples < train.global_batch_size "
+                        f"({cfg.train.global_batch_size}); {skipped.line()}")
+    return data, torch.tensor(data["num_targets"], dtype=torch.long)
+
+
+def count_steps(cfg: Config, n: int) -> int:
+    total = cfg.train.epochs * (n // cfg.train.global_batch_size)
+    if cfg.train.max_steps > 0:
+        total = min(total, cfg.train.max_steps) if cfg.train.epochs > 0 else cfg.train.max_steps
+    return total
+
+
+def resume_point(cfg: Config, store: CheckpointStore) -> Optional[Path]:
+    if cfg.run.resume == "never":
+        return None
+    if cfg.run.resume == "auto":
+        return store.latest()
+    return Path(cfg.run.resume).resolve()
+
+
+def start_tracking(cfg: Config, rank: int, world: int, accum: int, examples: int, start_step: int,
+                   total_steps: int, model_path: str):
+    """MLflow on global rank 0 (a run named {run.name}/{stage}, tagged); the stage dir's config and metrics."""
+    from redi_ds.tracking import Tracker
+
+    tracker = Tracker(cfg.tracking, cfg.run.output_dir, enabled=rank == 0)
+    if rank != 0:
+        return tracker
+    stage_dir = cfg.stage_dir
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, stage_dir / "config.yaml")
+    for marker in ("preempted", "done"):
+        (stage_dir / marker).unlink(missing_ok=True)
+    _truncate_metrics(stage_dir / "metrics.jsonl", start_step)  # rows past the checkpoint are redone
+    run_id_file = stage_dir / "mlflow_run_id"
+    prior = run_id_file.read_text().strip() if run_id_file.exists() and start_step > 0 else None
+    params = cfg.flat() | {"world_size": world, "grad_accum": accum, "examples": examples, "total_steps": total_steps}
+    tags = {"stage": cfg.stage, "loss": cfg.loss.name, "base_model": model_path, "run": cfg.run.name,
+            "git_commit": _git_commit(), **loss_tags(cfg)}
+    run_id = tracker.start(params, run_id=prior, run_name=cfg.tracking.run_name or f"{cfg.run.name}/{cfg.stage}",
+                           tags=tags)
+    if run_id:
+        run_id_file.write_text(run_id)
+        tracker.log_artifact(str(stage_dir / "config.yaml"))
+    return tracker
+
+
+def loss_tags(cfg: Config) -> dict:
+    """The hyperparameters that name a run: alpha for REDI, beta (and gamma) for DPO / SimPO."""
+    by_loss = {"redi": ("alpha",), "dpo": ("beta",), "simpo": ("beta", "gamma")}
+    return {k: str(getattr(cfg.loss, k)) for k in by_loss.get(cfg.loss.name, ())}
+
+
+def _git_commit() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def train_step(run: Run, step: int) -> StepStats:
+    """Optimizer step ``step`` (0-based): this rank's ``accum`` micro batches, then one DeepSpeed update."""
+    import torch.distributed as dist
+
+    cfg, engine = run.cfg, run.engine
+    t0 = time.perf_counter()
+    lr = run.scheduler.get_last_lr()[0]
+    G, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    idx = step_indices(len(run.data), G, cfg.run.seed, step, cfg.data.shuffle)
+    totals = StepTotals(examples=G, tokens=int(run.lengths[idx].sum()))
+    mine = idx[run.rank * micro * run.accum:(run.rank + 1) * micro * run.accum]  # this rank's share of the step
+    grad_scale = float(run.accum * run.world)  # DeepSpeed divides by accum and averages ranks: undo both
+    share_sum, tokens, sums = 0.0, 0, {}
+    for a in range(run.accum):
+        rows = mine[a * micro:(a + 1) * micro]
+        batch = collate([run.data[i] for i in rows], run.kind, run.tokenizer.pad_token_id, cfg.data.padding_free)
+        tokens += int(batch["input_ids"].numel() if batch["attention_mask"] is None else batch["attention_mask"].sum())
+        ref = None if run.ref_logps is None else run.ref_logps[_pair_index(rows, run.kind, len(run.data))
+                                                               .to(run.device)]
+        share, metrics = engine(_to_device(batch, run.device), totals, ref)
+        engine.backward(share * grad_scale)
+        engine.step()
+        share_sum += float(share.detach())
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v) / run.accum
+    keys = sorted(sums)
+    vec = torch.tensor([share_sum, float(tokens)] + [sums[k] for k in keys], dtype=torch.float64, device=run.device)
+    dist.all_reduce(vec)
+    gn = engine.get_global_grad_norm()
+    return StepStats(step=step + 1, loss=float(vec[0]), metrics={k: float(vec[2 + i]) / run.world
+                                                                 for i, k in enumerate(keys)},
+                     lr=lr, grad_norm=None if gn is None else float(gn), tokens=int(vec[1]),
+                     target_tokens=totals.tokens, step_time=time.perf_counter() - t0,
+                     skipped=not engine.was_step_applied())
+
+
+def record(run: Run, stats: StepStats) -> None:
+    """Log the step (metrics.jsonl, MLflow, progress bar) and stop a run that diverged."""
+    run.skipped_steps += int(stats.skipped)
+    row = stats.row() | {"skipped_steps": run.skipped_steps}
+    run.last = row
+    if run.rank == 0:
+        with open(run.metrics_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if stats.step % run.cfg.train.log_every == 0 or stats.step == run.total_steps:
+            run.tracker.log_metrics(row, step=stats.step)
+        run.bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+        run.bar.update(1)
+        if stats.skipped and run.precision != "fp16":
+            log0(f"step {stats.step}: DeepSpeed skipped the update (overflow); {run.skipped_steps} skipped so far")
+    run.guard.update(stats, run.precision, run.store)
+
+
+class DivergenceGuard:
+    """Counts consecutive steps with a non-finite loss or grad norm; too many stop the run (one line)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.bad, self.first = limit, 0, 0
+
+    def update(self, stats: StepStats, precision: str, store: CheckpointStore) -> None:
+        # under fp16 an overflow (inf grad norm, update skipped) is the loss scaler's business, not divergence
+        finite = math.isfinite(stats.loss) and (stats.finite or (precision == "fp16" and stats.skipped))
+        if finite:
+            self.bad = 0
+            return
+        self.bad += 1
+        self.first = self.first if self.bad > 1 else stats.step
+        if self.bad >= self.limit:
+            good = store.latest()
+            then = (f"the last good checkpoint is {good} (rerun to resume from it, e.g. with a smaller train.lr)"
+                    if good else "there is no checkpoint to resume from (try a smaller train.lr)")
+            raise TrainingError(
+                f"training diverged: loss {stats.loss:.4g}, grad norm {stats.grad_norm} at steps "
+                f"{self.first}-{stats.step} ({self.bad} consecutive non-finite steps, train.max_nonfinite_steps "
+                f"{self.limit}); no export was written; {then}")
+
+
+def save(run: Run, step: int) -> None:
+    """A checkpoint of step ``step``, unless the run is mid-divergence or its weights are not finite."""
+    if run.guard.bad or not params_finite(run.engine, run.device):
+        log0(f"step {step}: not saving a checkpoint of non-finite weights (last good: {run.store.latest()})")
+        return
+    run.store.save(run.engine, run.cfg, step, run.world)
+
+
+def params_finite(engine, device) -> bool:
+    """Every rank checks its own partition (ZeRO-3: ds_tensor); agreed by a MIN all-reduce."""
+    import torch.distributed as dist
+
+    ok = True
+    for p in engine.module.parameters():
+        t = getattr(p, "ds_tensor", None)
+        t = p.data if t is None else t
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            ok = False
+            break
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+# ----------------------------------------------------------------------------- the end
+
+
+def finish(run: Run) -> TrainResult:
+    """Final checkpoint, HF export, evaluation, the done marker."""
+    import torch.distributed as dist
+
+    from redi_ds.model import export_hf
+
+    cfg, rank = run.cfg, run.rank
+    if run.guard.bad:
+        raise TrainingError(f"the last {run.guard.bad} step(s) had a non-finite loss or grad norm; no export was "
+                            f"written; the last good checkpoint is {run.store.latest() or 'none'}")
+    final_tag = f"step_{run.total_steps}"
+    latest = run.store.latest()
+    if latest is None or latest.name != final_tag:
+        save(run, run.total_steps)
+    result = TrainResult(stage=cfg.stage, stage_dir=str(run.stage_dir), steps=run.total_steps, status="done",
+                         final=run.last or _last_row(run.metrics_file), run_id=run.tracker.run_id,
+                         tracking_uri=run.tracker.uri if run.tracker.enabled else None)
+    export_dir = run.stage_dir / "export"
+    if cfg.train.export:
+        state = consolidated_state_dict(run.engine)
+        if rank == 0:
+            export_hf(state, run.hf_model, run.tokenizer, str(export_dir))
+            save_config(cfg, export_dir / "redi_ds_config.yaml")
+        dist.barrier()
+        result.export = str(export_dir)
+    if rank == 0:
+        (run.stage_dir / "final_metrics.json").write_text(json.dumps(result.to_json(), indent=2))
+        run.tracker.log_metrics({f"final_{k}": v for k, v in result.final.items() if k != "step"},
+                                step=run.total_steps)
+        run.tracker.log_artifact(str(run.stage_dir / "final_metrics.json"))
+        run.tracker.log_artifact(str(run.metrics_file))
+    if cfg.eval.benchmarks and cfg.train.export:
+        run.engine.destroy()  # free the accelerator for generation
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        result.eval = evaluate(cfg, export_dir, run.tracker, rank, run.world)
+    if rank == 0:
+        (run.stage_dir / "final_metrics.json").write_text(json.dumps(result.to_json(), indent=2))
+        (run.stage_dir / "done").write_text(json.dumps({"steps": run.total_steps, "checkpoint": final_tag}) + "\n")
+    run.tracker.finish()
+    dist.barrier()
+    return result
+
+
+def preempted(run: Run, done: int) -> TrainResult:
+    if run.rank == 0:
+        (run.stage_dir / "preempted").write_text(f"stopped after step {done}\n")
+        log0(f"stopped early at step {done}: checkpoint saved; rerun the same command to resume")
+    run.tracker.finish("KILLED")
+    return TrainResult(stage=run.cfg.stage, stage_dir=str(run.stage_dir), steps=done, status="preempted",
+                       final=run.last, run_id=run.tracker.run_id)
+
+
+def finished(cfg: Config) -> Optional[TrainResult]:
+    """The stored result of a stage that is done with this very config (its final checkpoint present)."""
+    stage_dir = cfg.stage_dir
+    if cfg.run.resume != "auto" or not (stage_dir / "done").is_file():
+        return None
+    try:
+        done = json.loads((stage_dir / "done").read_text())
+        same = _comparable(_yaml(stage_dir / "config.yaml")) == _comparable(json.loads(json.dumps(cfg.to_dict())))
+        result = json.loads((stage_dir / "final_metrics.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+    latest = CheckpointStore(stage_dir, 0).latest()
+    if not same or latest is None or latest.name != done.get("checkpoint"):
+        return None
+    result["status"] = "already_done"
+    known = set(TrainResult.__dataclass_fields__)
+    return TrainResult(**{k: v for k, v in result.items() if k in known})
+
+
+def _comparable(tree: dict) -> dict:
+    """A resolved config without ``run.resume`` (how the stage was reached is not what it trained)."""
+    return {**tree, "run": {k: v for k, v in tree.get("run", {}).items() if k != "resume"}}
+
+
+def _yaml(path: Path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def _last_row(path: Path) -> dict:
+    rows = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return json.loads(rows[-1]) if rows else {}
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -61,33 +524,6 @@ def resolve_precision(requested: str) -> str:
     if requested != "auto":
         return requested
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-
-
-def deepspeed_config(cfg: Config, world: int, accum: int) -> dict:
-    """ZeRO/precision from ds_configs/*.json; batch sizes and clipping from our config."""
-    name = cfg.deepspeed.config
-    path = Path(name) if name.endswith(".json") else DS_CONFIG_DIR / f"{name}.json"
-    if not path.is_file():
-        from redi_ds.config import ConfigError
-
-        raise ConfigError(f"deepspeed.config: {name!r} is neither a file nor one of "
-                          f"{', '.join(p.stem for p in DS_CONFIG_DIR.glob('*.json'))}")
-    ds = json.loads(path.read_text())
-    ds.setdefault("zero_optimization", {}).update(cfg.deepspeed.zero)
-    precision = resolve_precision(cfg.deepspeed.precision)
-    ds["bf16"] = {"enabled": precision == "bf16"}
-    ds["fp16"] = {"enabled": precision == "fp16", "initial_scale_power": 16}
-    ds.update({
-        "train_batch_size": cfg.train.global_batch_size,
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": accum,
-        "gradient_clipping": cfg.train.grad_clip,
-        "steps_per_print": 10 ** 9,
-        "wall_clock_breakdown": False,
-    })
-    if "offload_optimizer" not in ds["zero_optimization"]:
-        ds["zero_force_ds_cpu_optimizer"] = False
-    return ds
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config, offload: bool):
@@ -155,6 +591,47 @@ class StopRequest:
         return bool(t.item() > 0)
 
 
+class StageLock:
+    """An exclusive lock on a stage directory, held by global rank 0 for the whole run (all ranks agree)."""
+
+    def __init__(self, fd: Optional[int]):
+        self.fd = fd
+
+    @classmethod
+    def acquire(cls, stage_dir: Path, rank: int) -> "StageLock":
+        import fcntl
+
+        import torch.distributed as dist
+
+        fd, holder = None, ""
+        if rank == 0:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            path = stage_dir / ".lock"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}"
+                         .encode())
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                fd = None
+            except OSError:  # a file system without flock: run unlocked rather than not at all
+                pass
+        busy = torch.tensor([1.0 if holder else 0.0], device=_device())
+        dist.all_reduce(busy, op=dist.ReduceOp.MAX)
+        if busy.item() > 0:
+            raise ConfigError(f"{stage_dir} is in use by another run ({holder or 'see rank 0'}); wait for it to end, "
+                              f"or set run.output_dir to another folder")
+        return cls(fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -163,222 +640,11 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def latest_checkpoint(stage_dir: Path):
-    pointer = stage_dir / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    return tag if (stage_dir / "checkpoints" / tag).is_dir() else None
-
-
-def save_checkpoint(engine, cfg: Config, step: int, keep: int) -> None:
-    import torch.distributed as dist
-
-    root = cfg.stage_dir / "checkpoints"
-    tag = f"step_{step}"
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
-    dist.barrier()  # every rank has written its shard
-    if dist.get_rank() == 0:
-        save_config(cfg, root / tag / "config.yaml")
-        tmp = root / "latest.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, root / "latest")
-        done = sorted((p for p in root.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
-        for old in done[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-
-
 def consolidated_state_dict(engine) -> dict:
     """Full weights on rank 0 (collective under ZeRO-3)."""
     if engine.zero_optimization_partition_weights():
         return engine._zero3_consolidated_16bit_state_dict()
     return engine.module.state_dict()
-
-
-# ----------------------------------------------------------------------------- the loop
-
-
-def train(cfg: Config) -> dict:
-    import deepspeed
-    import torch.distributed as dist
-    from tqdm import tqdm
-
-    from redi_ds.data.sources import load_source
-    from redi_ds.data.tokenize import ChatEncoder, encode_dataset
-    from redi_ds.model import PolicyModel, apply_liger, build_model, export_hf, load_tokenizer, resolve_model_path
-    from redi_ds.tracking import Tracker
-
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    # everything a user can get wrong is checked before the process group starts
-    accum = grad_accum_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    stage_dir = cfg.stage_dir
-    torch.manual_seed(cfg.run.seed)
-    loss_fn = build_loss(cfg.loss)
-    kind = "pairs" if loss_fn.paired else "sft"
-
-    # data: load, tokenize, drop what exceeds the limits (counted)
-    model_path = resolve_model_path(cfg.model.name_or_path, cfg.run.output_dir)
-    tokenizer = load_tokenizer(cfg.model, model_path)
-    raw = load_source(cfg.data.path, kind, cfg.data.split, synthetic_size=cfg.data.synthetic_size, seed=cfg.run.seed)
-    if cfg.data.limit > 0:
-        raw = raw.select(range(min(cfg.data.limit, len(raw))))
-    encoder = ChatEncoder(tokenizer, cfg.data.system_prompt)
-    data, skipped = encode_dataset(raw, kind, encoder, cfg.data.max_prompt_length, cfg.data.max_length)
-    log0(f"data {cfg.data.path} ({kind}): {skipped.line()}")
-    G = cfg.train.global_batch_size
-    if len(data) < G:
-        raise DataError(f"{cfg.data.path}: {len(data)} usable examples < train.global_batch_size ({G}); "
-                        f"{skipped.line()}")
-    total_steps = cfg.train.epochs * (len(data) // G)
-    if cfg.train.max_steps > 0:
-        total_steps = min(total_steps, cfg.train.max_steps) if cfg.train.epochs > 0 else cfg.train.max_steps
-
-    rank, world = init_distributed()
-    device = _device()
-
-    # model + engine
-    precision = resolve_precision(cfg.deepspeed.precision)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    hf_model = build_model(cfg.model, model_path, torch.float32 if precision == "fp16" else dtype, cfg.run.seed)
-    apply_liger(hf_model, cfg.model.liger)
-    policy = PolicyModel(hf_model, loss_fn, cfg.kernel)
-    ds_cfg = deepspeed_config(cfg, world, accum)
-    offload = "offload_optimizer" in ds_cfg["zero_optimization"]
-    optimizer = make_optimizer(policy, cfg, offload)
-    warmup = math.ceil(cfg.train.warmup_ratio * total_steps)
-    schedule = lr_lambda(cfg.train.schedule, warmup, total_steps, cfg.train.min_lr_ratio)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=policy, optimizer=optimizer, config=ds_cfg,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
-
-    # reference log-probs (DPO): one pass with the initial weights, before any update
-    ref_logps = None
-    if loss_fn.needs_reference:
-        ref_logps = reference_pass(engine, data, kind, tokenizer.pad_token_id, cfg, rank, world, device)
-
-    # resume
-    start_step = 0
-    ckpt_root, tag = stage_dir / "checkpoints", None
-    if cfg.run.resume == "auto":
-        tag = latest_checkpoint(stage_dir)
-    elif cfg.run.resume != "never":  # an explicit checkpoint folder
-        ckpt_root, tag = Path(cfg.run.resume).parent, Path(cfg.run.resume).name
-    if tag is not None:
-        _, client = engine.load_checkpoint(str(ckpt_root), tag=tag)
-        start_step = int(client["step"])
-        log0(f"resumed from {ckpt_root / tag} at step {start_step}")
-
-    # tracking, on global rank 0 only
-    tracker = Tracker(cfg.tracking, cfg.run.output_dir, enabled=rank == 0)
-    if rank == 0:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, stage_dir / "config.yaml")
-        (stage_dir / "preempted").unlink(missing_ok=True)
-        _truncate_metrics(stage_dir / "metrics.jsonl", start_step)  # rows past the checkpoint are redone
-        run_id_file = stage_dir / "mlflow_run_id"
-        prior = run_id_file.read_text().strip() if run_id_file.exists() and start_step > 0 else None
-        params = cfg.flat() | {"world_size": world, "grad_accum": accum, "examples": len(data),
-                               "skipped": skipped.total - skipped.kept, "total_steps": total_steps}
-        run_id = tracker.start(params, run_id=prior)
-        if run_id:
-            run_id_file.write_text(run_id)
-            tracker.log_artifact(str(stage_dir / "config.yaml"))
-    stop = StopRequest()
-    metrics_file = stage_dir / "metrics.jsonl"
-    bar = tqdm(total=total_steps, initial=start_step, desc=cfg.stage, disable=rank != 0, dynamic_ncols=True)
-    engine.train()
-    last: dict = {}
-    preempted = False
-    micro = cfg.train.micro_batch_size
-    for step in range(start_step, total_steps):
-        t0 = time.perf_counter()
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        idx = step_indices(len(data), G, cfg.run.seed, step, cfg.data.shuffle)
-        mine = idx[rank * micro * accum:(rank + 1) * micro * accum]  # this rank's share of the step
-        sums = {}
-        tokens = 0
-        for a in range(accum):
-            rows = mine[a * micro:(a + 1) * micro]
-            batch = collate([data[i] for i in rows], kind, tokenizer.pad_token_id, cfg.data.padding_free)
-            counts = token_counts(batch)
-            tokens += int(batch["input_ids"].numel() if batch["attention_mask"] is None
-                          else batch["attention_mask"].sum())
-            batch = _to_device(batch, device)
-            ref = None if ref_logps is None else ref_logps[_pair_index(rows, kind, len(data)).to(device)]
-            loss, m = engine(batch, counts.to(device), ref)
-            engine.backward(loss)
-            engine.step()
-            for k, v in {"loss": loss.detach(), **m}.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / accum
-        # reduce metrics over ranks (means), tokens summed
-        keys = sorted(sums)
-        vec = torch.tensor([sums[k] for k in keys] + [float(tokens)], dtype=torch.float64, device=device)
-        dist.all_reduce(vec)
-        stats = {k: float(vec[i]) / world for i, k in enumerate(keys)}
-        dt = time.perf_counter() - t0
-        stats.update(lr=lr, tokens_per_s=float(vec[-1]) / dt, step_time=dt)
-        gn = engine.get_global_grad_norm()
-        if gn is not None:
-            stats["grad_norm"] = float(gn)
-        done_steps = step + 1
-        last = stats
-        if rank == 0:
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps({"step": done_steps, **stats}) + "\n")
-            if done_steps % cfg.train.log_every == 0 or done_steps == total_steps:
-                tracker.log_metrics(stats, step=done_steps)
-            bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{stats['tokens_per_s']:.0f}", refresh=False)
-            bar.update(1)
-        if cfg.train.save_every and done_steps % cfg.train.save_every == 0 and done_steps < total_steps:
-            save_checkpoint(engine, cfg, done_steps, cfg.train.keep_checkpoints)
-        early = cfg.train.stop_after_steps and done_steps == cfg.train.stop_after_steps
-        if done_steps < total_steps and (stop.agreed() or early):
-            save_checkpoint(engine, cfg, done_steps, cfg.train.keep_checkpoints)
-            preempted = True
-            break
-    bar.close()
-
-    result = {"stage": cfg.stage, "steps": total_steps, "final": last, "run_id": tracker.run_id,
-              "tracking_uri": tracker.uri if tracker.enabled else None, "stage_dir": str(stage_dir)}
-    if preempted:
-        if rank == 0:
-            (stage_dir / "preempted").write_text(f"stopped after step {done_steps}\n")
-            log0(f"stopped early at step {done_steps}: checkpoint saved; rerun the same command to resume")
-        tracker.finish("KILLED")
-        result["preempted"] = True
-        return result
-
-    if latest_checkpoint(stage_dir) != f"step_{total_steps}":
-        save_checkpoint(engine, cfg, total_steps, cfg.train.keep_checkpoints)
-    export_dir = stage_dir / "export"
-    if cfg.train.export:
-        state = consolidated_state_dict(engine)
-        if rank == 0:
-            export_hf(state, hf_model, tokenizer, str(export_dir))
-            save_config(cfg, export_dir / "redi_ds_config.yaml")
-        dist.barrier()
-        result["export"] = str(export_dir)
-    if rank == 0:
-        with open(stage_dir / "final_metrics.json", "w") as f:
-            json.dump(result, f, indent=2)
-        tracker.log_metrics({f"final_{k}": v for k, v in last.items()}, step=total_steps)
-        tracker.log_artifact(str(stage_dir / "final_metrics.json"))
-        tracker.log_artifact(str(metrics_file))
-    if cfg.eval.benchmarks and cfg.train.export:
-        engine.destroy()  # free the accelerator for generation
-        del engine, optimizer, policy
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        result["eval"] = evaluate(cfg, export_dir, tracker, rank, world)
-    if rank == 0:
-        (stage_dir / "done").write_text("ok\n")
-    tracker.finish()
-    dist.barrier()
-    return result
 
 
 def _truncate_metrics(path: Path, steps: int) -> None:
@@ -422,9 +688,6 @@ def evaluate(cfg: Config, export_dir: Path, tracker, rank: int, world: int) -> d
     """Evaluate the export on every rank (data-parallel); the summary goes to this run's MLflow run."""
     from redi_ds.eval import run_eval
 
-    return run_eval(str(export_dir), cfg.eval.benchmarks, samples=cfg.eval.samples, temperature=cfg.eval.temperature,
-                    top_p=cfg.eval.top_p, max_new_tokens=cfg.eval.max_new_tokens, limit=cfg.eval.limit,
-                    system_prompt=cfg.data.system_prompt, force_think=cfg.eval.force_think,
-                    backend=cfg.eval.backend, out_dir=str(cfg.stage_dir / "eval"), seed=cfg.run.seed,
+    return run_eval(str(export_dir), cfg.eval.benchmarks, cfg.eval, out_dir=str(cfg.stage_dir / "eval"),
                     mlflow_run_id=tracker.run_id, tracking_uri=tracker.uri if tracker.enabled else None,
                     rank=rank, world_size=world, progress=rank == 0)

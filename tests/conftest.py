@@ -5,6 +5,19 @@ from __future__ import annotations
 import pytest
 
 
+# ----------------------------------------------------------------------------- training (shared)
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory):
+    """One 2-rank ZeRO-3 SFT run of 6 steps (checkpoints at 3 and 6, export), shared by the slow tests that
+    compare against an uninterrupted run or need a 2-rank checkpoint."""
+    from trainutil import FAST, torchrun
+
+    out = tmp_path_factory.mktemp("sft")
+    r = torchrun(["--stage", "sft", *FAST, "--train.max_steps", "6", "--train.save_every", "3",
+                  "--run.output_dir", str(out)], out)
+    return out, r
+
+
 # ----------------------------------------------------------------------------- slurm (issue 6)
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):

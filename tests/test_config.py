@@ -28,6 +28,45 @@ def test_bundled_configs_and_paper_values():
     assert (simpo.loss.name, simpo.loss.beta, simpo.loss.gamma, simpo.train.lr) == ("simpo", 2.0, 1.0, 5e-7)
 
 
+def test_one_kernel_options_type_from_yaml_to_kernel():
+    from redi_ds.kernels import FusedHeadOptions
+
+    cfg = load_config("tiny", stage="redi", overrides=["--kernel.impl", "reference", "--kernel.block_v", "64",
+                                                       "--kernel.num_warps", "8", "--kernel.fp32_weight_grad", "true"])
+    assert isinstance(cfg.kernel, FusedHeadOptions)
+    assert cfg.kernel == FusedHeadOptions(impl="reference", chunk_size="auto", block_v=64, num_warps=8,
+                                          fp32_weight_grad=True)
+    assert load_config("tiny", stage="redi", overrides=["--kernel.chunk_size", "128"]).kernel.chunk_size == 128
+
+
+def test_eval_options_inherit_the_training_prompt():
+    from redi_ds.eval import EvalOptions
+
+    cfg = load_config("tiny", stage="sft", overrides=["--data.system_prompt", "Think.", "--eval.samples", "4"])
+    assert isinstance(cfg.eval, EvalOptions) and cfg.eval.system_prompt == "Think." and cfg.eval.samples == 4
+    own = load_config("tiny", stage="sft", overrides=["--data.system_prompt", "Think.", "--eval.system_prompt", "Eh"])
+    assert own.eval.system_prompt == "Eh"
+
+
+def test_negative_numbers_are_values_not_flags():
+    assert parse_overrides(["--train.min_lr_ratio", "-0.5", "--a.b", "-1"]) == [("train.min_lr_ratio", -0.5),
+                                                                                ("a.b", -1)]
+
+
+def test_deepspeed_json_holds_only_zero_and_precision(tmp_path):
+    from redi_ds import ds_config
+
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"zero_optimization": {"stage": 3}, "train_batch_size": 64}')
+    cfg = load_config("tiny", stage="sft", overrides=["--deepspeed.config", str(bad)])
+    with pytest.raises(ConfigError, match=r"'train_batch_size' is set by our config \(train.global_batch_size\)"):
+        ds_config.load(cfg.deepspeed)
+    ok = load_config("tiny", stage="sft", overrides=["--deepspeed.zero", "{stage3_param_persistence_threshold: 0}"])
+    ds = ds_config.build(ok, accum=2, precision="fp32")
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 8 and not ds["bf16"]["enabled"]
+
+
 def test_overrides_are_typed():
     cfg = load_config("tiny", stage="redi", overrides=["--loss.alpha", "0.5", "--train.lr=1e-6",
                                                        "--deepspeed.zero", "{stage3_param_persistence_threshold: 0}"])
@@ -43,6 +82,20 @@ def test_overrides_are_typed():
     (["--loss.alpha", "1.5"], "loss.alpha = 1.5"),
     (["--loss.name", "ppo"], "loss.name = 'ppo'"),
     (["--kernel.impl", "cuda"], "kernel.impl = 'cuda'"),
+    (["--kernel.chunk_size", "big"], "kernel.chunk_size = 'big'"),
+    (["--kernel.block_v", "100"], "kernel.block_v = 100"),
+    (["--train.lr", "nan"], "train.lr = nan; must be a finite number > 0"),
+    (["--train.lr", "inf"], "train.lr = inf"),
+    (["--train.adam_eps", "-inf"], "train.adam_eps = -inf"),
+    (["--train.grad_clip", "nan"], "train.grad_clip = nan"),
+    (["--train.save_every", "-1"], "train.save_every = -1; must be >= 0"),
+    (["--train.keep_checkpoints", "-2"], "train.keep_checkpoints = -2"),
+    (["--train.max_nonfinite_steps", "0"], "max_nonfinite_steps"),
+    (["--run.resume", "/no/such/checkpoint"], "run.resume = '/no/such/checkpoint': not a checkpoint folder"),
+    (["--deepspeed.config", "zero9"], "deepspeed.config: 'zero9' is neither a .json file nor one of zero2, zero3"),
+    (["--deepspeed.config", "/no/such.json"], "deepspeed.config: '/no/such.json': no such file"),
+    (["--eval.samples", "0"], "eval: samples must be >= 1"),
+    (["--train.lr", "--loss.alpha", "0.5"], "override --train.lr has no value"),
     (["--train.global_batch_size", "10", "--train.micro_batch_size", "4"], "not a multiple"),
     (["--model.gradient_checkpointing", "yes please"], "expected true/false"),
     (["--train"], "has no value"),

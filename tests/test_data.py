@@ -62,7 +62,8 @@ def test_pair_collation_padded_and_packed():
 def test_padding_free_logprobs_equal_padded(tok, enc):
     import transformers
 
-    from redi_ds.config import KernelConfig, LossConfig
+    from redi_ds.config import LossConfig
+    from redi_ds.kernels import FusedHeadOptions
     from redi_ds.losses import build_loss
     from redi_ds.model import PolicyModel
 
@@ -70,7 +71,7 @@ def test_padding_free_logprobs_equal_padded(tok, enc):
     cfg = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
     hf = transformers.Qwen2ForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.float64)
-    model = PolicyModel(hf, build_loss(LossConfig(name="redi")), KernelConfig(impl="reference")).eval()
+    model = PolicyModel(hf, build_loss(LossConfig(name="redi")), FusedHeadOptions(impl="reference")).eval()
     rows = synthetic.pair_rows(synthetic.generate(3, seed=1))
     exs = [{"prompt_ids": enc.prompt_ids(r["prompt"]), "chosen_ids": enc.response_ids(r["chosen"]),
             "rejected_ids": enc.response_ids(r["rejected"])} for r in rows]
@@ -87,6 +88,14 @@ def test_padding_free_logprobs_equal_padded(tok, enc):
     assert not torch.allclose(leaked, padded)
 
 
+def test_collate_counts_are_the_response_tokens():
+    exs = [{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5, 6]},
+           {"prompt_ids": [7], "chosen_ids": [8, 9], "rejected_ids": [10]}]
+    for packed in (False, True):
+        b = collate(exs, "pairs", pad_id=0, padding_free=packed)
+        assert b["counts"].tolist() == [1, 2, 3, 1] == token_counts(b).tolist()
+
+
 def test_length_limits_skip_and_count(tok, enc):
     import datasets
 
@@ -99,6 +108,60 @@ def test_length_limits_skip_and_count(tok, enc):
     assert len(kept) == 1 and report.total == 3 and report.kept == 1
     assert report.reasons == {"prompt_too_long": 1, "sequence_too_long": 1}
     assert "1/3 examples kept" in report.line()
+    assert kept[0]["num_targets"] == len(kept[0]["response_ids"]) == len(enc.response_ids("ok"))
+
+
+def test_limits_are_exact_at_the_boundary(tok, enc):
+    """A response of exactly the allowed length is kept, one token more is skipped (bounded encoding is exact)."""
+    import datasets
+
+    text = "x " * 40
+    n = len(enc.response_ids(text))
+    p = len(enc.prompt_ids("short"))
+    ds = datasets.Dataset.from_list([{"prompt": "short", "response": text}])
+    assert len(encode_dataset(ds, "sft", enc, max_prompt_length=p, max_length=p + n)[0]) == 1
+    assert len(encode_dataset(ds, "sft", enc, max_prompt_length=p, max_length=p + n - 1)[0]) == 0
+    assert len(encode_dataset(ds, "sft", enc, max_prompt_length=p - 1, max_length=p + n)[0]) == 0
+
+
+def test_a_huge_row_is_skipped_without_tokenizing_it_all(tok, enc, monkeypatch):
+    """A 20 MB response is decided from a bounded prefix: the tokenizer never sees more than ~8 chars per
+    allowed token (the pilot found 60 s and 4.2 GB for a 50 MB row tokenized in full)."""
+    import datasets
+
+    seen = []
+    real = enc._encode
+
+    def spy(text):
+        seen.append(len(text))
+        return real(text)
+
+    monkeypatch.setattr(enc, "_encode", spy)
+    huge = "word " * 4_000_000  # 20 MB
+    ds = datasets.Dataset.from_list([{"prompt": "short", "response": huge}, {"prompt": "short", "response": "ok"}])
+    kept, report = encode_dataset(ds, "sft", enc, max_prompt_length=100, max_length=512)
+    assert report.reasons == {"sequence_too_long": 1} and len(kept) == 1
+    assert max(seen) < 512 * 8 + 2048
+
+
+def test_jsonl_that_is_not_utf8_names_the_line(tmp_path):
+    f = tmp_path / "pairs.jsonl"
+    good = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}).encode()
+    f.write_bytes(good + b"\n" + good.replace(b'"a"', b'"caf\xe9"') + b"\n")
+    with pytest.raises(DataError, match=rf"^{f}:2: not UTF-8 \(byte 0xe9 at column \d+\)$"):
+        load_source(str(f), "pairs")
+
+
+def test_unsupported_and_corrupt_files_are_one_line_errors(tmp_path):
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("prompt,chosen,rejected\np,a,b\n")
+    with pytest.raises(DataError, match=r"pairs.csv: unsupported file type '.csv'"):
+        load_source(str(csv), "pairs")
+    bad = tmp_path / "pairs.parquet"
+    bad.write_bytes(b"PAR1 this is not really parquet")
+    with pytest.raises(DataError, match=r"pairs.parquet: cannot read as Parquet") as e:
+        load_source(str(bad), "pairs")
+    assert "\n" not in str(e.value)
 
 
 def test_jsonl_errors_name_file_line_field(tmp_path):

@@ -1,10 +1,12 @@
 """End to end: the tiny random Qwen2 model through the CLI and ``run_eval``, the summary math against
 hand-computed values, data-parallel sharding, MLflow logging, and one-line CLI errors."""
 
+import dataclasses
 import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from collections import defaultdict
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import redi_ds
-from redi_ds.eval import EvalError, load_benchmark, run_eval, runner
+from redi_ds.eval import EvalError, EvalOptions, load_benchmark, run_eval, runner
 from redi_ds.eval.__main__ import main
 from redi_ds.eval.backends import BACKENDS, Completion, Generator
 from redi_ds.eval.prompting import PAPER_INSTRUCTION, build_prompt, load_tokenizer
@@ -120,30 +122,31 @@ def test_cli_end_to_end(tiny_model, tmp_path):
 def test_api_data_parallel_ranks_match_a_single_rank(tiny_model, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    common = dict(samples=2, temperature=0.0, max_new_tokens=5, limit=3, batch_size=1, progress=False,
-                  print_table=False)
+    opts = EvalOptions(samples=2, temperature=0.0, max_new_tokens=5, limit=3, batch_size=1)
+    common = dict(progress=False, print_table=False)
     # reference: one rank, an in-memory model
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    ref = run_eval(model, ["aime24"], tokenizer=tiny_model, out_dir=tmp_path / "one", world_size=1, rank=0,
-                   **common)
+    ref = run_eval(model, ["aime24"], dataclasses.replace(opts, tokenizer=tiny_model), out_dir=tmp_path / "one",
+                   world_size=1, rank=0, **common)
     ref_rows = _read_samples(tmp_path / "one")
     _check_summary_against_samples(ref, ref_rows, k=2)
     # two ranks sharing one folder (run one after the other: rank 1 writes its shard, rank 0 merges)
-    assert run_eval(tiny_model, "aime24", out_dir=tmp_path / "two", rank=1, world_size=2, **common) == {}
+    assert run_eval(tiny_model, "aime24", opts, out_dir=tmp_path / "two", rank=1, world_size=2, **common) == {}
     assert (tmp_path / "two" / "shards" / "rank00001.done").exists()
     assert not (tmp_path / "two" / "samples.jsonl").exists()
-    both = run_eval(tiny_model, "aime24", out_dir=tmp_path / "two", rank=0, world_size=2, **common)
+    both = run_eval(tiny_model, "aime24", opts, out_dir=tmp_path / "two", rank=0, world_size=2, **common)
     rows = _read_samples(tmp_path / "two")
     assert [(r["problem_id"], r["sample_index"], r["response"]) for r in rows] == \
            [(r["problem_id"], r["sample_index"], r["response"]) for r in ref_rows]
     assert both["benchmarks"]["aime24"]["pass@1"] == ref["benchmarks"]["aime24"]["pass@1"]
     assert both["world_size"] == 2
     with pytest.raises(EvalError, match="out_dir"):
-        run_eval(tiny_model, "aime24", rank=0, world_size=2, **common)
+        run_eval(tiny_model, "aime24", opts, rank=0, world_size=2, **common)
     # rank 0 of a later run with other settings never merges rank 1's stale shard: it waits, then fails
     monkeypatch.setattr(runner, "GATHER_TIMEOUT", 1.0)
     with pytest.raises(EvalError, match=r"ranks \[1\] did not write"):
-        run_eval(tiny_model, "aime24", out_dir=tmp_path / "two", rank=0, world_size=2, **{**common, "samples": 1})
+        run_eval(tiny_model, "aime24", dataclasses.replace(opts, samples=1), out_dir=tmp_path / "two", rank=0,
+                 world_size=2, **common)
 
 
 @pytest.mark.slow
@@ -216,7 +219,7 @@ def test_summary_math_hand_computed(scripted, tiny_model, tmp_path, monkeypatch)
     # the Python API runs as one process unless told otherwise (a trainer calls it on rank 0 only)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    summary = run_eval(tiny_model, "aime24", backend=scripted, samples=4, limit=3, out_dir=tmp_path,
+    summary = run_eval(tiny_model, "aime24", EvalOptions(backend=scripted, samples=4, limit=3), out_dir=tmp_path,
                        progress=False, print_table=False)
     samples = _read_samples(tmp_path)
     assert [s["correct"] for s in samples] == [True, True, False, True] + [False] * 4 + [True] + [False] * 3
@@ -244,7 +247,7 @@ def test_mlflow_logging_to_the_training_run(scripted, tiny_model, tmp_path):
     exp = client.create_experiment("train", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(exp).info.run_id  # the trainer's run
     out = tmp_path / "out"
-    summary = run_eval(tiny_model, "aime24,math500", backend=scripted, samples=4, limit=3, out_dir=out,
+    summary = run_eval(tiny_model, "aime24,math500", EvalOptions(backend=scripted, samples=4, limit=3), out_dir=out,
                        mlflow_run_id=run_id, tracking_uri=uri, progress=False, print_table=False)
     assert summary["mlflow"]["run_id"] == run_id
     metrics = client.get_run(run_id).data.metrics
@@ -260,13 +263,83 @@ def test_mlflow_logging_to_the_training_run(scripted, tiny_model, tmp_path):
 
 def test_mlflow_unreachable_warns_once_and_still_writes(scripted, tiny_model, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="redi_ds.eval.runner"):
-        summary = run_eval(tiny_model, "aime24", backend=scripted, samples=4, limit=3, out_dir=tmp_path,
+        summary = run_eval(tiny_model, "aime24", EvalOptions(backend=scripted, samples=4, limit=3), out_dir=tmp_path,
                            mlflow_run_id="0123456789abcdef", tracking_uri="http://127.0.0.1:9",
                            progress=False, print_table=False)
     warnings = [r for r in caplog.records if "MLflow" in r.getMessage()]
     assert len(warnings) == 1
     assert "mlflow" not in summary
     assert (tmp_path / "samples.jsonl").exists() and (tmp_path / "summary.json").exists()
+
+
+# ----------------------------------------------------------------------------- EvalOptions
+
+
+def test_eval_options_defaults_types_and_cli_mapping(monkeypatch):
+    import typing
+    from typing import Optional
+
+    from redi_ds.eval.__main__ import build_parser, options_from_args
+
+    # only types the typed config tree coerces
+    allowed = {int, float, str, bool, dict, Optional[int], Optional[float], Optional[str]}
+    hints = typing.get_type_hints(EvalOptions)
+    assert set(hints) == {f.name for f in dataclasses.fields(EvalOptions)}
+    assert all(tp in allowed for tp in hints.values()), hints
+    d = EvalOptions()
+    assert (d.samples, d.temperature, d.top_p, d.max_new_tokens, d.limit, d.system_prompt, d.backend) == \
+           (1, 0.6, 0.95, 4096, 0, PAPER_INSTRUCTION, "auto")
+    assert d.backend_options == {} and d.backend_options is not EvalOptions().backend_options
+    d.check()
+    # the CLI's defaults are EvalOptions' (hf backend: no vllm options), and each option lands in its field
+    assert options_from_args(build_parser().parse_args(["--model", "m", "--backend", "hf"])) == \
+           EvalOptions(backend="hf")
+    args = build_parser().parse_args(["--model", "m", "--samples", "3", "--top-p", "0.5", "--no-system-prompt",
+                                      "--force-think", "--grade-timeout", "2.5", "--max-model-len", "64"])
+    got = options_from_args(args)
+    assert (got.samples, got.top_p, got.system_prompt, got.force_think, got.grade_timeout) == \
+           (3, 0.5, None, True, 2.5)
+    assert got.backend_options == {"tensor_parallel_size": 1, "gpu_memory_utilization": 0.85, "max_model_len": 64}
+    # main hands run_eval one EvalOptions and the run context as keywords
+    seen = {}
+
+    def fake_run_eval(model, benchmarks, options=None, **context):
+        seen.update(model=model, benchmarks=benchmarks, options=options, context=context)
+        return {}
+
+    monkeypatch.setattr(runner, "run_eval", fake_run_eval)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["--model", "m", "--bench", "aime24", "--samples", "3", "--out", "o", "--no-progress"]) == 0
+    assert seen["options"] == EvalOptions(samples=3, backend_options={
+        "tensor_parallel_size": 1, "gpu_memory_utilization": 0.85, "max_model_len": None})
+    assert seen["context"] == {"out_dir": "o", "mlflow_run_id": None, "tracking_uri": None,
+                               "mlflow_experiment": "redi-ds-eval", "progress": False, "rank": 0, "world_size": 1}
+
+
+@pytest.mark.parametrize("changes,fragment", [
+    ({"samples": 0}, "samples must be >= 1, got 0"),
+    ({"temperature": -0.1}, "need temperature >= 0"),
+    ({"temperature": float("nan")}, "need temperature >= 0"),
+    ({"top_p": 0.0}, "0 < top_p <= 1"),
+    ({"top_p": 1.5}, "0 < top_p <= 1"),
+    ({"max_new_tokens": 0}, "max_new_tokens >= 1"),
+    ({"limit": -1}, "limit >= 0"),
+    ({"samples": "many"}, "samples must be an integer, got 'many'"),
+    ({"temperature": None}, "temperature must be a number, got None"),
+])
+def test_eval_options_check_is_one_line(changes, fragment):
+    with pytest.raises(EvalError, match=re.escape(fragment)) as err:
+        EvalOptions(**changes).check()
+    assert "\n" not in str(err.value)
+
+
+def test_run_eval_checks_options_before_loading_anything(tmp_path):
+    with pytest.raises(EvalError, match="samples must be >= 1"):
+        run_eval(str(tmp_path / "no-model"), "aime24", EvalOptions(samples=0), out_dir=tmp_path / "o")
+    with pytest.raises(EvalError, match="options must be an EvalOptions, got dict"):
+        run_eval(str(tmp_path / "no-model"), "aime24", {"samples": 2}, out_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------------------- errors

@@ -22,11 +22,9 @@ import torch
 from redi_ds.kernels import (
     FusedHeadOptions,
     fused_linear_loss,
-    fused_redi_loss,
     fused_sequence_logprobs,
-    redi_coefficients,
-    reference_redi_loss,
     reference_sequence_logprobs,
+    reference_token_logprobs,
 )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -191,43 +189,115 @@ def test_packed_seq_ids(impl, flat):
     _assert_close(weight.grad, rw.grad, 10 * tol, "dweight (linear)")
 
 
-# ----------------------------------------------------------------------------------------------------- REDI
+# ------------------------------------------------------------------------------ per-token coefficients
 @pytest.mark.parametrize("impl", IMPLS)
-def test_redi_loss_matches_reference(impl):
+def test_token_coefficients_match_reference(impl):
+    """token_coeffs weigh every position on its own (REDI's divergent negative span goes through this)."""
     dtype = _dtype(impl)
-    hidden, weight, _, labels = _batch(n=4, t=19, dtype=dtype, bias=False, seed=4)
-    loss, metrics = fused_redi_loss(hidden, weight, labels, alpha=0.8, impl=impl)
-    loss.backward()
-    rh, rw = _as_reference(hidden, weight)
-    rloss, rmetrics = reference_redi_loss(rh, rw, labels, alpha=0.8)
-    rloss.backward()
+    hidden, weight, bias, labels = _batch(n=4, t=19, dtype=dtype, seed=4)
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(labels.shape, generator=g, dtype=torch.float64)
+    w[:, :5] = 0.0  # a masked prefix inside the targets
+    w = w.to(dtype)
+    loss, sums, counts = fused_linear_loss(hidden, weight, labels, bias=bias, token_coeffs=w,
+                                           options=_opts(impl, 7))
+    (loss * 0.3).backward()
+    rh, rw, rb = _as_reference(hidden, weight, bias)
+    rtok = reference_token_logprobs(rh, rw, labels, rb)
+    rloss = (w.double().reshape(-1) * rtok).sum()
+    (rloss * 0.3).backward()
     tol = _tol(dtype)
-    assert set(metrics) == set(rmetrics)
     _assert_close(loss, rloss, tol, "loss")
-    for k in rmetrics:
-        assert not metrics[k].requires_grad, k
-        if k.startswith("count"):
-            assert torch.equal(metrics[k], rmetrics[k]), k
-        else:
-            _assert_close(metrics[k], rmetrics[k], tol, k)
-    _assert_close(hidden.grad, rh.grad, 10 * tol, "dhidden")
-    _assert_close(weight.grad, rw.grad, 10 * tol, "dweight")
+    _assert_close(sums, reference_sequence_logprobs(rh, rw, labels, rb)[0], tol, "sums")
+    for name, a, r in zip(("hidden", "weight", "bias"), _grads(hidden, weight, bias), _grads(rh, rw, rb)):
+        _assert_close(a, r, 10 * tol, f"d{name}")
+    with pytest.raises(ValueError, match="exactly one"):
+        fused_linear_loss(hidden, weight, labels, torch.ones(4), token_coeffs=w, impl=impl)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_redi_empty_row_is_a_value_error(impl):
-    hidden, weight, _, labels = _batch(n=2, t=7, dtype=_dtype(impl), bias=False)
-    labels[1] = -100
-    with pytest.raises(ValueError, match="no target tokens"):
-        fused_redi_loss(hidden, weight, labels, alpha=0.8, impl=impl)
+# ------------------------------------------------------------------------------------------------- fp16
+def _fp16_case(v=4096, h=64, n=2, t=96, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, t, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64) * 0.05
+    labels = torch.randint(0, v, (n, t), generator=g)
+    labels[:, :8] = -100
+    coeffs = torch.full((n,), 1.0 / 19000)  # one token of a 19k-token trace: REDI-sized
+    return hidden, weight, labels, coeffs
 
 
-def test_redi_coefficients_reproduce_the_loss():
-    counts = torch.tensor([3, 5, 2, 7])
-    sums = torch.tensor([-4.0, -9.0, -1.0, -20.0], dtype=torch.float64)
-    c = redi_coefficients(counts, 0.8, torch.float64)
-    expected = (-sums[:2] / counts[:2] + 0.8 * sums[2:] / counts[2:]).mean()
-    assert torch.allclose((c * sums).sum(), expected)
+def test_fp16_gradients_carry_the_loss_scale():
+    """Under fp16 the linear path takes the two-pass form: DeepSpeed's loss scale (2^14 here) only arrives
+    in backward, and gradients formed in forward without it flush to zero. Measured against float64, the
+    fused fp16 gradients are as good as plain autograd fp16 with the same loss scale."""
+    hidden, weight, labels, coeffs = _fp16_case()
+    scale = 2.0 ** 14
+
+    def grads(h, w, fn):
+        h = h.clone().requires_grad_()
+        w = w.clone().requires_grad_()
+        (fn(h, w) * scale).backward()
+        return h.grad.double() / scale, w.grad.double() / scale
+
+    def fused(h, w):
+        return fused_linear_loss(h, w, labels, coeffs, impl="torch")[0]
+
+    def plain(h, w):  # autograd on fp16 logits, the usual HF path
+        return (coeffs.to(torch.float32) * reference_sequence_logprobs(h, w, labels)[0].float()).sum()
+
+    exact = grads(hidden, weight, plain)
+    f16 = grads(hidden.half(), weight.half(), fused)
+    auto = grads(hidden.half(), weight.half(), plain)
+
+    def err(a, b):
+        return float((a - b).abs().max() / b.abs().max())
+
+    for i, name in enumerate(("dhidden", "dweight")):
+        assert err(f16[i], exact[i]) <= 2 * err(auto[i], exact[i]) + 1e-4, name
+    # no gradient entry the float64 reference has is flushed to zero
+    flushed = float(((f16[1] == 0) & (exact[1].abs() > 1e-9)).double().mean())
+    assert flushed < 0.01, flushed
+    # the single-pass form (gradients in forward, fp16, unscaled), which fp16 no longer takes, loses them
+    from redi_ds.kernels.engine import grad_pass, select_tokens
+
+    sel = select_tokens(hidden.half(), weight.half(), labels, None, None)
+    _, _, g = grad_pass(hidden.half(), weight.half(), None, sel, coeffs.index_select(0, sel.seq),
+                        FusedHeadOptions(impl="torch"), (True, True, False))
+    lost = float(((g.weight == 0) & (exact[1].abs() > 1e-9)).double().mean())
+    assert lost > 0.1, lost
+
+
+# ------------------------------------------------------------------------------------------ memory
+def test_backward_scales_the_saved_gradients_in_place():
+    """DeepSpeed always passes grad_output = 1/accum: scaling must not allocate a second [V, H] gradient."""
+    hidden, weight, bias, labels = _batch(dtype=torch.float32)
+    saved = []
+
+    def pack(t):
+        saved.append(t.data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _, _ = fused_linear_loss(hidden, weight, labels, torch.tensor([0.5, -1.0, 2.0]), bias,
+                                       impl="torch")
+    (loss * 0.25).backward()
+    assert weight.grad.data_ptr() in saved and hidden.grad.data_ptr() in saved and bias.grad.data_ptr() in saved
+    rh, rw, rb = _as_reference(hidden, weight, bias)
+    (0.25 * (torch.tensor([0.5, -1.0, 2.0]).double() * reference_sequence_logprobs(rh, rw, labels, rb)[0]).sum()
+     ).backward()
+    _assert_close(weight.grad, rw.grad, 1e-4, "dweight")
+
+
+def test_auto_chunk_size_rule():
+    o = FusedHeadOptions()
+    assert o.chunk_size == "auto"
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    # 256 MiB / (151,936 x 2 bytes) = 883 -> 832 (a multiple of 64) for the bf16 triton block on a GPU
+    assert FusedHeadOptions(impl="triton").chunk_for(151936, torch.bfloat16, cuda) == 832
+    cpu_rows = FusedHeadOptions(impl="torch").chunk_for(151936, torch.float32, cpu)
+    assert cpu_rows == 192  # 128 MiB / (151,936 x 4 bytes) = 220 -> 192
+    assert FusedHeadOptions(impl="torch").chunk_for(21, torch.float32, cpu) == 16384  # a character vocabulary
+    assert FusedHeadOptions(chunk_size=100).chunk_for(151936, torch.float32, cpu) == 100
 
 
 # -------------------------------------------------------------------------------------- edges and contract
@@ -255,7 +325,8 @@ def test_blocks_are_bounded_and_prompt_tokens_cost_nothing(monkeypatch):
     monkeypatch.setattr(th, "torch_rows", spy)
     hidden, weight, _, labels = _batch(dtype=torch.float32, bias=False)
     n_valid = int((labels != -100).sum())
-    loss, _, _ = fused_linear_loss(hidden, weight, labels, torch.ones(3), impl="torch", chunk_size=16)
+    loss, _, _ = fused_linear_loss(hidden, weight, labels, torch.ones(3), options=FusedHeadOptions(impl="torch",
+                                                                                                 chunk_size=16))
     loss.backward()
     assert seen and all(r <= 16 and v == V for r, v in seen)
     assert sum(r for r, _ in seen) == n_valid < labels.numel()
@@ -273,14 +344,27 @@ def test_invalid_inputs_raise():
         fused_sequence_logprobs(hidden, weight, labels, impl="cuda")
     with pytest.raises(ValueError, match="chunk_size"):
         FusedHeadOptions(chunk_size=0)
+    with pytest.raises(ValueError, match="block_v"):
+        FusedHeadOptions(block_v=100)
 
 
-def test_reference_impl_routes_to_the_oracle():
+def test_reference_impl_routes_to_the_oracle(monkeypatch):
+    """"reference" is an impl like the others: through impl= or through the options (the trainer's path)."""
+    import redi_ds.kernels.fused as fused_mod
+
+    calls = []
+    real = fused_mod._reference_token_logprobs
+    monkeypatch.setattr(fused_mod, "_reference_token_logprobs", lambda *a: calls.append(1) or real(*a))
     hidden, weight, _, labels = _batch(n=2, t=9, dtype=torch.float64, bias=False, seed=5)
     coeffs = torch.tensor([0.3, -0.9], dtype=torch.float64)
     ref = fused_linear_loss(hidden, weight, labels, coeffs, impl="reference")
-    fused = fused_linear_loss(hidden, weight, labels, coeffs, impl="torch", chunk_size=4)
-    assert torch.allclose(ref[0], fused[0]) and torch.allclose(ref[1], fused[1]) and torch.equal(ref[2], fused[2])
+    via_options = fused_linear_loss(hidden, weight, labels, coeffs, options=FusedHeadOptions(impl="reference"))
+    fused_sequence_logprobs(hidden, weight, labels, options=FusedHeadOptions(impl="reference"))
+    assert len(calls) == 3
+    fused = fused_linear_loss(hidden, weight, labels, coeffs, options=FusedHeadOptions(impl="torch", chunk_size=4))
+    assert len(calls) == 3
+    for a in (ref, via_options):
+        assert torch.allclose(a[0], fused[0]) and torch.allclose(a[1], fused[1]) and torch.equal(a[2], fused[2])
 
 
 def test_importing_the_package_does_not_import_triton():
@@ -295,6 +379,12 @@ def test_importing_the_package_does_not_import_triton():
 
 
 # ----------------------------------------------------------------------------------------------------- GPU
+def _redi_coefficients(counts, alpha):
+    from redi_ds.losses import REDILoss, StepTotals
+
+    return REDILoss(alpha).coefficients(counts, StepTotals(examples=counts.shape[0] // 2, tokens=0))
+
+
 def _naive_lp(hidden, weight, labels):
     return reference_sequence_logprobs(hidden, weight, labels)[0]
 
@@ -305,8 +395,9 @@ def _naive_lp(hidden, weight, labels):
 def test_gpu_bf16_accuracy(impl):
     hidden, weight, _, labels = _batch(n=4, t=300, h=512, v=32003, dtype=torch.bfloat16, bias=False,
                                        device="cuda")
-    coeffs = redi_coefficients((labels != -100).sum(-1), 0.8).cuda()
-    loss, sums, _ = fused_linear_loss(hidden, weight, labels, coeffs, impl=impl, chunk_size=256)
+    coeffs = _redi_coefficients((labels != -100).sum(-1), 0.8).cuda()
+    loss, sums, _ = fused_linear_loss(hidden, weight, labels, coeffs, options=FusedHeadOptions(impl=impl,
+                                                                                             chunk_size=256))
     loss.backward()
     rh, rw = _as_reference(hidden, weight)
     rsums = _naive_lp(rh, rw, labels)
@@ -328,7 +419,7 @@ def test_gpu_triton_faster_and_smaller_than_naive():
     weight = (torch.randn(v, h, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
     labels = torch.randint(0, v, (n, t), device="cuda")
     labels[:, :128] = -100
-    coeffs = redi_coefficients((labels != -100).sum(-1), 0.8).cuda()
+    coeffs = _redi_coefficients((labels != -100).sum(-1), 0.8).cuda()
 
     def naive():
         return (coeffs * _naive_lp(hidden, weight, labels)).sum()

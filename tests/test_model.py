@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from redi_ds.config import KernelConfig, LossConfig, ModelConfig, TinyModelConfig
-from redi_ds.data.collate import collate, token_counts
-from redi_ds.losses import build_loss
+from redi_ds.config import LossConfig, ModelConfig, TinyModelConfig
+from redi_ds.data.collate import collate
+from redi_ds.kernels import FusedHeadOptions
+from redi_ds.losses import StepTotals, build_loss
 from redi_ds.model import PolicyModel, build_model, resolve_model_path
 from redi_ds.trainer import lr_lambda, step_indices
 
@@ -17,12 +18,12 @@ EXAMPLES = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, 10], "rejected_ids": 
 
 def _policy(impl="torch", gc=False, loss="redi"):
     hf = build_model(ModelConfig(tiny=TINY, gradient_checkpointing=gc), "tiny", torch.float64, seed=3)
-    return PolicyModel(hf, build_loss(LossConfig(name=loss, alpha=0.8)), KernelConfig(impl=impl, chunk_size=3))
+    return PolicyModel(hf, build_loss(LossConfig(name=loss, alpha=0.8)), FusedHeadOptions(impl=impl, chunk_size=3))
 
 
 def _loss_and_grads(model, batch):
     model.train()
-    loss, metrics = model(batch, token_counts(batch))
+    loss, metrics = model(batch, StepTotals(examples=2, tokens=int(batch["counts"].sum())))
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, metrics
 

@@ -13,18 +13,19 @@ from importlib import resources
 import pytest
 from datasets import Dataset, load_from_disk
 
-from redi_ds.data import decontam, prepare_map
-from redi_ds.data.prepare import PAPER_TEMPLATE, PrepareOptions, main, prepare
+from redi_ds.data import decontam, layouts, prepare_map
+from redi_ds.data.prepare import PAPER_TEMPLATE, PrepareError, PrepareOptions, main, prepare
 
 MATH500_ID = "test/algebra/2584.json"  # 'If $f(x) = \frac{3x-2}{x-2}$, what is the value of $f(-2) +f(-1)+f(0)$? ...'
 
 
 def _write(path, rows, extra_lines=()):
-    with open(path, "w", encoding="utf-8") as f:
+    """JSON Lines: ``rows`` then ``extra_lines`` verbatim (str, or bytes for lines that are not UTF-8)."""
+    with open(path, "wb") as f:
         for r in rows:
-            f.write(json.dumps(r) + "\n")
+            f.write(json.dumps(r).encode("utf-8") + b"\n")
         for line in extra_lines:
-            f.write(line + "\n")
+            f.write((line if isinstance(line, bytes) else line.encode("utf-8")) + b"\n")
     return str(path)
 
 
@@ -231,6 +232,78 @@ def test_bad_rows_are_reported_by_reason(tmp_path):
     assert stats["bad_rows"]["examples"]["invalid_json"] == ["out.jsonl:13"]
     assert stats["bad_rows"]["examples"]["parallel_length_mismatch"] == ["out.jsonl:10", "out.jsonl:11"]
     assert len(sft) == 1 and len(pairs) == 1
+
+
+def _good(layout, i):
+    """A usable row (with flags: no grading) of either layout."""
+    if layout == "plain":
+        return {"problem": f"Problem {i}", "answer": "1", "response": f"{i}a", "correctness_math_verify": True}
+    return {"problem": f"Problem {i}", "answer": "1", "generations": [f"{i}a", f"{i}b"],
+            "correctness_math_verify": [True, False]}
+
+
+def _all_strings(ds) -> list:
+    return [v for col in ds.column_names for v in ds[col] if isinstance(v, str)]
+
+
+@pytest.mark.parametrize("layout", ["openr1", "plain"])
+def test_invalid_utf8_line_is_a_counted_bad_row(tmp_path, layout):
+    # a Latin-1 "é" (0xE9) in the middle of the file: never decoded with U+FFFD replacements
+    latin1 = json.dumps(_good(layout, 2) | {"problem": "caf\u00e9 problem"}).replace("\\u00e9", "\xe9")
+    assert latin1.count("\xe9") == 1
+    lines = [latin1.encode("latin-1"), b"\xff\xfe not even close", json.dumps(_good(layout, 3))]
+    stats, sft, pairs = _run(tmp_path, [_good(layout, 1)], extra_lines=lines, seed=-1)
+    c = stats["counts"]
+    assert (c["input_rows"], c["bad_rows"]) == (4, 2)
+    assert stats["bad_rows"]["by_reason"] == {"invalid_utf8": 2}
+    assert stats["bad_rows"]["examples"] == {"invalid_utf8": ["out.jsonl:2", "out.jsonl:3"]}
+    assert sft["problem"] == ["Problem 1", "Problem 3"] and sft["response"] == ["1a", "3a"]
+    assert not any("\ufffd" in v for d in (sft, pairs) for v in _all_strings(d))
+    assert stats["input"]["layout"] == layout
+
+
+@pytest.mark.parametrize("layout", ["openr1", "plain"])
+def test_duplicate_json_key_is_a_counted_bad_row(tmp_path, layout):
+    def with_tail(row, tail):  # the row's JSON with raw text appended inside its top-level object
+        return json.dumps(row)[:-1] + ", " + tail + "}"
+
+    lines = [
+        with_tail(_good(layout, 2), '"problem": "Problem 2 again"'),  # top level (json.loads: last wins)
+        with_tail(_good(layout, 3), '"meta": {"k": 1, "k": 1}'),  # nested, even with equal values
+        with_tail(_good(layout, 4), '"meta": [{"x": {"deep": 1, "deep": 2}}]'),  # deeper, inside a list
+        with_tail(_good(layout, 5), '"meta": {"a": {"k": 1}, "b": {"k": 2}}'),  # same key in two objects: fine
+    ]
+    stats, sft, _ = _run(tmp_path, [_good(layout, 1)], extra_lines=lines, seed=-1)
+    assert (stats["counts"]["input_rows"], stats["counts"]["bad_rows"]) == (5, 3)
+    assert stats["bad_rows"]["by_reason"] == {"duplicate_key": 3}
+    assert stats["bad_rows"]["examples"] == {"duplicate_key": ["out.jsonl:2", "out.jsonl:3", "out.jsonl:4"]}
+    assert sft["problem"] == ["Problem 1", "Problem 5"]
+
+
+def test_parse_line_reasons():
+    assert layouts.parse_line('{"a": {"b": [1, {"c": 2}]}, "c": 3}') == {"a": {"b": [1, {"c": 2}]}, "c": 3}
+    assert layouts.parse_line('{"a": 1, "a": 2}') == layouts.Bad("duplicate_key")
+    assert layouts.parse_line('{"a": [{"b": 1, "b": 1}]}') == layouts.Bad("duplicate_key")
+    assert layouts.parse_line('{"a": 1,') == layouts.Bad("invalid_json")
+    assert layouts.parse_line('[{"a": 1, "a": 2}]') == layouts.Bad("duplicate_key")
+    assert layouts.parse_line("[1]") == layouts.Bad("not_an_object")
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_grader_that_cannot_run_is_a_one_line_prepare_error(tmp_path, monkeypatch, num_proc):
+    from redi_ds.eval import GradeError
+
+    def broken_grade(response, gold):
+        raise GradeError("math-verify is not installed\n(pip install math-verify)")
+
+    monkeypatch.setattr(prepare_map, "_GRADER", [broken_grade])
+    rows = [{"problem": f"P{i}", "answer": "1", "response": "x"} for i in range(4)]  # no flags: graded
+    src = _write(tmp_path / "in.jsonl", rows)
+    with pytest.raises(PrepareError) as err:
+        prepare(PrepareOptions(source=src, out=str(tmp_path / "o"), decontam=False, quiet=True, num_proc=num_proc))
+    assert str(err.value) == "grading failed: math-verify is not installed (pip install math-verify)"
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_plain_rows_graded_when_flags_missing(tmp_path, monkeypatch):

@@ -11,29 +11,23 @@ from trainutil import FAST, losses, torchrun
 
 pytestmark = pytest.mark.slow
 
-STEPS = ["--train.max_steps", "6", "--train.save_every", "3"]
-
-
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft")
-    r = torchrun(["--stage", "sft", *FAST, *STEPS, "--run.output_dir", str(out)], out)
-    return out, r
+STEPS = ["--train.max_steps", "6", "--train.save_every", "3"]  # the shared sft_run fixture (conftest.py)
 
 
 def _policy_loss(hf_model, data_rows=4):
     """SFT loss of a model on the first rows of the tiny data, via the unfused reference head."""
-    from redi_ds.config import PAPER_SYSTEM_PROMPT, KernelConfig, LossConfig, ModelConfig
+    from redi_ds.config import PAPER_SYSTEM_PROMPT, LossConfig, ModelConfig
     from redi_ds.data.collate import collate
     from redi_ds.data.sources import load_source
     from redi_ds.data.tokenize import ChatEncoder, encode_dataset
+    from redi_ds.kernels import FusedHeadOptions
     from redi_ds.losses import build_loss
     from redi_ds.model import PolicyModel, load_tokenizer
 
     tok = load_tokenizer(ModelConfig(tokenizer="qwen2.5", chat_template="qwen2.5-math"), "tiny")
     raw = load_source("synthetic", "sft", synthetic_size=data_rows, seed=42)
     data, _ = encode_dataset(raw, "sft", ChatEncoder(tok, PAPER_SYSTEM_PROMPT), 256, 512)
-    model = PolicyModel(hf_model, build_loss(LossConfig(name="sft")), KernelConfig(impl="reference")).eval()
+    model = PolicyModel(hf_model, build_loss(LossConfig(name="sft")), FusedHeadOptions(impl="reference")).eval()
     batch = collate([data[i] for i in range(len(data))], "sft", tok.pad_token_id)
     with torch.no_grad():
         _, sums, counts = model.sequence_logprobs(batch)

@@ -34,14 +34,35 @@ def env_for(tmp: Path) -> dict:
     return env
 
 
+RUN_CONFIGS = str(ROOT / "tests" / "run_configs.py")
+
+
+def python_train(args: list[str], tmp: Path, timeout: int = 900, env: dict | None = None,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    """One process, no launcher: what the process itself prints is all there is (torchrun adds its own
+    ChildFailedError traceback when a worker exits non-zero)."""
+    r = subprocess.run([sys.executable, TRAIN, *args], cwd=ROOT, env=env or env_for(tmp), capture_output=True,
+                       text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"training failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
+    return r
+
+
 def torchrun(args: list[str], tmp: Path, nproc: int = 2, timeout: int = 900, env: dict | None = None,
-             check: bool = True) -> subprocess.CompletedProcess:
+             check: bool = True, script: str = TRAIN) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), TRAIN, *args]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *args]
     r = subprocess.run(cmd, cwd=ROOT, env=env or env_for(tmp), capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
         raise AssertionError(f"training failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
     return r
+
+
+def run_configs(runs: list[list[str]], tmp: Path, nproc: int, timeout: int = 1800) -> None:
+    """Train each argument list in turn inside one torchrun (tests/run_configs.py)."""
+    import json as _json
+
+    torchrun([_json.dumps(runs)], tmp, nproc=nproc, timeout=timeout, script=RUN_CONFIGS)
 
 
 def losses(stage_dir: Path) -> list[float]:

@@ -8,6 +8,7 @@ A batch holds S sequences (SFT: the B rows; pairs: chosen_1..chosen_B then rejec
     targets      [R, T]   targets[t] = input_ids[t + 1] where that token is a response token, else -100
     seq_ids      [R, T]   packed mode: the sequence index of each position (None when padded: row = sequence)
     num_seqs     S
+    counts       [S]      target tokens per sequence (its response tokens, end-of-turn included)
 
 so the head computes log p(targets[t] | prefix up to t) at every position t, and per-sequence sums are
 over non-ignored targets: exactly the response tokens (end-of-turn included).
@@ -42,8 +43,9 @@ def collate(examples: list[dict], kind: str, pad_id: int, padding_free: bool = F
         tgt = [t for s, p in seqs for t in _shifted_targets(s, p)]
         sid = [k for k, (s, _) in enumerate(seqs) for _ in s]
         as_row = lambda x: torch.tensor([x], dtype=torch.long)  # noqa: E731
-        return {"input_ids": as_row(ids), "position_ids": as_row(pos), "attention_mask": None,
-                "targets": as_row(tgt), "seq_ids": as_row(sid), "num_seqs": len(seqs)}
+        batch = {"input_ids": as_row(ids), "position_ids": as_row(pos), "attention_mask": None,
+                 "targets": as_row(tgt), "seq_ids": as_row(sid), "num_seqs": len(seqs)}
+        return batch | {"counts": token_counts(batch)}
     width = max(len(s) for s, _ in seqs)
     n = len(seqs)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -54,8 +56,9 @@ def collate(examples: list[dict], kind: str, pad_id: int, padding_free: bool = F
         targets[i, : len(s)] = torch.tensor(_shifted_targets(s, p))
         mask[i, : len(s)] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask,
-            "targets": targets, "seq_ids": None, "num_seqs": n}
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask,
+             "targets": targets, "seq_ids": None, "num_seqs": n}
+    return batch | {"counts": token_counts(batch)}
 
 
 def token_counts(batch: dict) -> torch.Tensor:

@@ -27,7 +27,9 @@ TRUE_STRINGS = frozenset({"true", "yes", "stop", "correct"})
 UNKNOWN, INCORRECT, CORRECT = -1, 0, 1
 
 # Bad-row reasons (stable names: they are keys of stats.json).
+INVALID_UTF8 = "invalid_utf8"  # a JSON Lines line that is not valid UTF-8 (never decoded with replacements)
 INVALID_JSON = "invalid_json"
+DUPLICATE_KEY = "duplicate_key"  # a JSON object (at any depth) with the same key twice
 NOT_AN_OBJECT = "not_an_object"
 MISSING_PROBLEM = "missing_problem"
 NON_STRING_PROBLEM = "non_string_problem"
@@ -87,9 +89,25 @@ def truthy(value: Any) -> bool:
     return False
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """``object_pairs_hook`` for ``json.loads``: a dict, or :class:`_DuplicateKey` when a key repeats (plain
+    ``json.loads`` would silently keep the last value)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _DuplicateKey
+    return obj
+
+
 def parse_line(line: str) -> Union[dict, Bad]:
+    """One JSON Lines line -> its object, or a Bad (invalid JSON, not an object, a duplicate key at any depth)."""
     try:
-        row = json.loads(line)
+        row = json.loads(line, object_pairs_hook=_unique_keys)
+    except _DuplicateKey:
+        return Bad(DUPLICATE_KEY)
     except (ValueError, RecursionError):
         return Bad(INVALID_JSON)
     return row if isinstance(row, dict) else Bad(NOT_AN_OBJECT)

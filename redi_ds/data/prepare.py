@@ -161,6 +161,8 @@ def prepare(opts: PrepareOptions) -> dict:
     """Run the whole preparation; returns the stats written to ``DIR/stats.json``."""
     import datasets
 
+    from redi_ds.eval.grading import GradeError, shutdown_workers  # light: a grader starts only when a row needs it
+
     if opts.quiet:
         datasets.disable_progress_bars()
     if opts.pairing not in ("first", "zip", "all"):
@@ -179,16 +181,13 @@ def prepare(opts: PrepareOptions) -> dict:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return _prepare(opts, spec, work)
-    except Exception as e:
-        if type(e).__name__ == "GradeError":  # redi_ds.eval cannot grade at all (math-verify missing)
-            raise PrepareError(f"grading failed: {e}") from None
-        raise
+    except GradeError as e:  # redi_ds.eval cannot grade at all (math-verify missing)
+        raise PrepareError(f"grading failed: {e}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if created and not os.listdir(opts.out):  # a failed run leaves no empty output folder behind
             os.rmdir(opts.out)
-        if "redi_ds.eval.grading" in sys.modules:  # stop this process's grader worker, if grading started one
-            sys.modules["redi_ds.eval.grading"].shutdown_workers()
+        shutdown_workers()  # stop this process's grader worker, if grading started one
 
 
 def _prepare(opts: PrepareOptions, spec, work: str) -> dict:

@@ -2,13 +2,15 @@
 
 JSON Lines are read line by line into an Arrow table of raw lines (``_line``, ``_ref`` = ``file:line``) and parsed
 later, in parallel, by the map that normalises rows: a row of the wrong type can then be counted as a bad row
-instead of failing Arrow's schema inference for the whole file. Everything else is read with ``datasets``.
+instead of failing Arrow's schema inference for the whole file. A line that is not valid UTF-8 is never decoded
+with replacement characters: it is stored with an empty ``_line`` and ``_bad`` = ``invalid_utf8``, which the map
+counts as a bad row like any other (``_bad`` is None for the other lines). Everything else is read with
+``datasets``.
 """
 
 from __future__ import annotations
 
 import gzip
-import json
 import os
 from glob import glob
 from typing import Optional
@@ -19,7 +21,7 @@ from redi_ds.data import layouts
 
 JSONL_EXT = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
 PARQUET_EXT = (".parquet",)
-LINE_FEATURES = Features({"_line": Value("string"), "_ref": Value("string")})
+LINE_FEATURES = Features({"_line": Value("string"), "_ref": Value("string"), "_bad": Value("string")})
 
 
 class PrepareError(Exception):
@@ -27,19 +29,27 @@ class PrepareError(Exception):
 
 
 def _iter_lines(files):
+    """(line number, file name, stripped text or None when the line is not valid UTF-8) per non-blank line."""
     for path in files:
         name = os.path.basename(path)
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rb") as f:
             for i, raw in enumerate(f, 1):  # binary iteration splits on b"\n" only (not U+2028 etc.)
-                line = raw.decode("utf-8", errors="replace").strip()
+                try:
+                    line = raw.decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    yield i, name, None
+                    continue
                 if line:
                     yield i, name, line
 
 
 def _line_gen(files):
     for i, name, line in _iter_lines(files):
-        yield {"_line": line, "_ref": f"{name}:{i}"}
+        if line is None:
+            yield {"_line": "", "_ref": f"{name}:{i}", "_bad": layouts.INVALID_UTF8}
+        else:
+            yield {"_line": line, "_ref": f"{name}:{i}", "_bad": None}
 
 
 def _one_line(msg: str) -> str:
@@ -117,10 +127,7 @@ def sample_keys(ds: Dataset, renames: tuple, limit: int = 1000) -> set:
     seen = 0
     for batch in ds.select_columns(["_line"]).iter(batch_size=256):
         for line in batch["_line"]:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
+            row = layouts.parse_line(line)  # bad rows (including invalid UTF-8: an empty line) have no say
             if isinstance(row, dict):
                 keys |= set(layouts.apply_renames(row, renames))
                 seen += 1

@@ -115,7 +115,8 @@ def _rows(batch: dict, indices, ctx: Ctx):
             i = int(indices[j])
             ref = f"row {int(ctx.perm[i]) if ctx.perm is not None else i}"
         if "_line" in batch:
-            row = layouts.parse_line(batch["_line"][j])
+            bad = batch["_bad"][j] if "_bad" in batch else None  # set when reading the line (invalid_utf8)
+            row = Bad(bad) if bad else layouts.parse_line(batch["_line"][j])
         else:
             row = {c: batch[c][j] for c in cols if c != "_ref"}
         if not isinstance(row, Bad) and ctx.renames:

@@ -47,8 +47,13 @@ def _from_jsonl(path: str, kind: str, split: str):
     import datasets
 
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # binary: a byte that is not UTF-8 is reported with its line, not a traceback
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                                ) from None
             if not line.strip():
                 continue
             try:
@@ -83,7 +88,11 @@ def _check_dataset(ds, kind: str, label: str):
 def _from_disk(path: str, kind: str, split: str):
     import datasets
 
-    ds = datasets.load_from_disk(path)
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as e:  # noqa: BLE001 - a damaged folder becomes one line
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise DataError(f"{path}: cannot load the saved dataset ({type(e).__name__}: {first})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{path}: no split {split!r} (splits: {', '.join(ds)})")
@@ -101,8 +110,14 @@ def _from_prepared(path: str, kind: str, split: str):
 def _from_files(path: str, kind: str, split: str):
     import datasets
 
-    fmt = "parquet" if path.endswith(".parquet") else "json"
-    ds = datasets.load_dataset(fmt, data_files=path, split="train")
+    if not path.endswith(".parquet"):
+        raise DataError(f"{path}: unsupported file type {Path(path).suffix or '(none)'!r} (expected .jsonl, "
+                        ".json, .parquet, a save_to_disk folder, a prepare output folder, or a dataset name)")
+    try:
+        ds = datasets.load_dataset("parquet", data_files=path, split="train")
+    except Exception as e:  # noqa: BLE001 - a corrupt or truncated file becomes one line
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise DataError(f"{path}: cannot read as Parquet ({type(e).__name__}: {first})") from None
     return _check_dataset(ds, kind, path)
 
 

@@ -5,14 +5,16 @@ inside the functions that need them.
 
 - ``grade(response, gold) -> bool``: last ``\\boxed{}`` vs gold with math-verify (see ``grading``).
 - ``load_benchmark(name) -> list[dict]`` and ``BENCHMARKS`` (see ``benchmarks``).
-- ``run_eval(model, benchmarks, ...) -> dict``: generate, grade, write ``samples.jsonl`` /
-  ``summary.json`` / a plot, log to MLflow (see ``runner``).
+- ``run_eval(model, benchmarks, EvalOptions(...), out_dir=...) -> dict``: generate, grade, write
+  ``samples.jsonl`` / ``summary.json`` / a plot, log to MLflow (see ``runner``); ``EvalOptions`` holds the
+  settings (sampling, prompting, backend, grading; see ``options``).
 """
 
 from redi_ds.eval.benchmarks import ALIASES, BENCHMARKS, SUITES, BenchmarkSpec, load_benchmark, resolve_benchmarks
 from redi_ds.eval.errors import EvalError
 from redi_ds.eval.grading import GradeError, extract_answer, grade, grade_answer, grade_many, shutdown_workers
 from redi_ds.eval.metrics import pass1_stderr, pass_at_k
+from redi_ds.eval.options import EvalOptions
 from redi_ds.eval.prompting import PAPER_INSTRUCTION, build_prompt
 from redi_ds.eval.runner import run_eval
 
@@ -22,6 +24,7 @@ __all__ = [
     "SUITES",
     "BenchmarkSpec",
     "EvalError",
+    "EvalOptions",
     "GradeError",
     "PAPER_INSTRUCTION",
     "build_prompt",

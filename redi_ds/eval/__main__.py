@@ -9,6 +9,7 @@ with ``torchrun --nproc-per-node N -m redi_ds.eval ... --out DIR``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Optional, Sequence
@@ -16,10 +17,12 @@ from typing import Optional, Sequence
 from redi_ds.eval.backends import AUTO_ORDER, BACKENDS
 from redi_ds.eval.benchmarks import ALIASES, BENCHMARKS, SUITES
 from redi_ds.eval.errors import EvalError
-from redi_ds.eval.prompting import CHAT_TEMPLATES, PAPER_INSTRUCTION
+from redi_ds.eval.options import EvalOptions
+from redi_ds.eval.prompting import CHAT_TEMPLATES
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d = EvalOptions()  # the defaults
     p = argparse.ArgumentParser(
         prog="python -m redi_ds.eval",
         description="Evaluate a model on the bundled math benchmarks (pass@1 over k samples, graded with math-verify).",
@@ -29,30 +32,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="HF model folder or hub name")
     p.add_argument("--bench", default="math500", help="comma-separated benchmarks / suites / .jsonl paths")
-    p.add_argument("--samples", type=int, default=1, help="samples per problem (k); the paper uses 16")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-new-tokens", type=int, default=4096)
-    p.add_argument("--limit", type=int, default=0, help="first N problems of each benchmark (0: all)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--samples", type=int, default=d.samples, help="samples per problem (k); the paper uses 16")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--limit", type=int, default=d.limit, help="first N problems of each benchmark (0: all)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="hf: sequences per generate call (16); vllm: prompts per submission (512)")
     p.add_argument("--out", default=None, help="output folder")
-    p.add_argument("--backend", default="auto", help=f"auto ({' > '.join(AUTO_ORDER)}) or one of {sorted(BACKENDS)}")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", default=None, help="tokenizer path / hub name, or 'qwen2.5' (bundled)")
-    p.add_argument("--chat-template", default=None,
+    p.add_argument("--backend", default=d.backend, help=f"auto ({' > '.join(AUTO_ORDER)}) or one of {sorted(BACKENDS)}")
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--tokenizer", default=d.tokenizer, help="tokenizer path / hub name, or 'qwen2.5' (bundled)")
+    p.add_argument("--chat-template", default=d.chat_template,
                    help=f"a .jinja path or one of {sorted(CHAT_TEMPLATES)} (default: the tokenizer's)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--system-prompt", default=PAPER_INSTRUCTION, help="system turn (default: the paper's instruction)")
+    g.add_argument("--system-prompt", default=d.system_prompt, help="system turn (default: the paper's instruction)")
     g.add_argument("--no-system-prompt", action="store_true", help="no system turn (the template's default applies)")
-    p.add_argument("--user-template", default="{problem}", help="user turn, with a {problem} placeholder")
+    p.add_argument("--user-template", default=d.user_template, help="user turn, with a {problem} placeholder")
     p.add_argument("--force-think", action="store_true", help="open the answer with '<think>\\n' (R1-style models)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm only")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vllm only")
     p.add_argument("--max-model-len", type=int, default=None, help="vllm only")
-    p.add_argument("--grade-workers", type=int, default=None, help="grader processes (default: CPUs, at most 8)")
-    p.add_argument("--grade-timeout", type=float, default=None, help="seconds per grade (default 10)")
+    p.add_argument("--grade-workers", type=int, default=d.grade_workers,
+                   help="grader processes (default: CPUs, at most 8)")
+    p.add_argument("--grade-timeout", type=float, default=d.grade_timeout, help="seconds per grade (default 10)")
     p.add_argument("--mlflow-run-id", default=None, help="log to this (training) run")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--mlflow-experiment", default="redi-ds-eval", help="experiment of a new run (no --mlflow-run-id)")
@@ -61,41 +65,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def options_from_args(args: argparse.Namespace) -> EvalOptions:
+    """The evaluation settings of the parsed command line: every :class:`EvalOptions` field is the option of
+    the same name (``--top-p`` -> ``top_p``), except ``system_prompt`` (None with ``--no-system-prompt``) and
+    ``backend_options`` (the vllm-only options)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalOptions) if f.name != "backend_options"}
+    if args.no_system_prompt:
+        values["system_prompt"] = None
+    if args.backend in ("vllm", "auto"):
+        values["backend_options"] = {"tensor_parallel_size": args.tensor_parallel_size,
+                                     "gpu_memory_utilization": args.gpu_memory_utilization,
+                                     "max_model_len": args.max_model_len}
+    return EvalOptions(**values)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from redi_ds.eval.runner import dist_env, run_eval
 
-    backend_options = {}
-    if args.backend in ("vllm", "auto"):
-        backend_options = {"tensor_parallel_size": args.tensor_parallel_size,
-                           "gpu_memory_utilization": args.gpu_memory_utilization,
-                           "max_model_len": args.max_model_len}
     try:
         rank, world_size = dist_env()  # torchrun: data parallel over the launched ranks
         summary = run_eval(
             args.model,
             args.bench,
-            samples=args.samples,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            max_new_tokens=args.max_new_tokens,
-            limit=args.limit,
-            batch_size=args.batch_size,
+            options_from_args(args),
             out_dir=args.out,
-            system_prompt=None if args.no_system_prompt else args.system_prompt,
-            user_template=args.user_template,
-            force_think=args.force_think,
-            chat_template=args.chat_template,
-            tokenizer=args.tokenizer,
-            backend=args.backend,
-            backend_options=backend_options,
-            dtype=args.dtype,
-            seed=args.seed,
             mlflow_run_id=args.mlflow_run_id,
             tracking_uri=args.tracking_uri,
             mlflow_experiment=args.mlflow_experiment,
-            grade_workers=args.grade_workers,
-            grade_timeout=args.grade_timeout,
             progress=not args.no_progress,
             rank=rank,
             world_size=world_size,

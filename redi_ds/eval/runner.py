@@ -42,7 +42,8 @@ from redi_ds.eval.benchmarks import BENCHMARKS, get_spec, load_benchmark, resolv
 from redi_ds.eval.errors import EvalError
 from redi_ds.eval.grading import STATS, extract_answer, grade_many
 from redi_ds.eval.metrics import summarize_benchmark
-from redi_ds.eval.prompting import PAPER_INSTRUCTION, build_prompt
+from redi_ds.eval.options import EvalOptions
+from redi_ds.eval.prompting import build_prompt
 
 log = logging.getLogger(__name__)
 
@@ -129,53 +130,37 @@ def _gather_shards(out_dir: Path, world: int, timeout: float, signature: str) ->
 def run_eval(
     model: Any,
     benchmarks: Union[str, Sequence[str]],
+    options: Optional[EvalOptions] = None,
     *,
-    samples: int = 1,
-    temperature: float = 0.6,
-    top_p: float = 0.95,
-    max_new_tokens: int = 4096,
-    limit: int = 0,
-    batch_size: Optional[int] = None,
     out_dir: Optional[Union[str, os.PathLike]] = None,
-    system_prompt: Optional[str] = PAPER_INSTRUCTION,
-    user_template: str = "{problem}",
-    force_think: bool = False,
-    chat_template: Optional[str] = None,
-    tokenizer: Optional[str] = None,
-    backend: str = "auto",
-    backend_options: Optional[dict] = None,
-    dtype: str = "auto",
-    seed: int = 0,
     mlflow_run_id: Optional[str] = None,
     tracking_uri: Optional[str] = None,
     mlflow_experiment: str = "redi-ds-eval",
-    grade_workers: Optional[int] = None,
-    grade_timeout: Optional[float] = None,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
     progress: bool = True,
     print_table: bool = True,
 ) -> dict:
-    """Evaluate ``model`` (an HF folder, hub name, or in-memory ``PreTrainedModel`` with ``tokenizer=``
-    for the hf backend) on ``benchmarks`` (names, aliases, suites like ``paper``, or JSONL paths; a list or
-    a comma-separated string) and return the summary (``{}`` on ranks other than 0).
+    """Evaluate ``model`` (an HF folder, hub name, or in-memory ``PreTrainedModel`` with
+    ``EvalOptions(tokenizer=...)`` for the hf backend) on ``benchmarks`` (names, aliases, suites like ``paper``,
+    or JSONL paths; a list or a comma-separated string) with the settings in ``options`` (default
+    ``EvalOptions()``, see :class:`redi_ds.eval.options.EvalOptions`) and return the summary (``{}`` on ranks
+    other than 0).
 
-    ``samples`` per problem at ``temperature`` / ``top_p`` (temperature 0: greedy), at most
-    ``max_new_tokens`` each; ``limit`` > 0 keeps the first N problems of each benchmark. ``batch_size``:
-    sequences per ``generate`` call (hf) or prompts per submission (vllm). Prompting: see
-    :mod:`redi_ds.eval.prompting` (``system_prompt=None`` for no system turn; ``chat_template`` a bundled
-    name or a .jinja path; ``force_think`` opens the answer with ``<think>``). ``rank`` / ``world_size``:
-    data-parallel generation (see the module docstring; default: one process). Raises
-    :class:`EvalError` for a bad model path, an unknown benchmark or a malformed data file.
+    The keyword arguments are the run's context: ``out_dir`` (default: a new ``eval-<model>-<time>`` folder),
+    MLflow (see the module docstring), ``rank`` / ``world_size`` for data-parallel generation (default: one
+    process), the progress bar and the printed table. Raises :class:`EvalError` for out-of-range settings, a
+    bad model path, an unknown benchmark or a malformed data file.
     """
     t_start = time.time()
-    if int(samples) < 1:
-        raise EvalError(f"samples must be >= 1, got {samples}")
-    if not (temperature >= 0 and 0 < top_p <= 1):
-        raise EvalError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    if int(max_new_tokens) < 1 or int(limit) < 0:
-        raise EvalError(f"need max_new_tokens >= 1 and limit >= 0, got {max_new_tokens}, {limit}")
-    samples, max_new_tokens, limit = int(samples), int(max_new_tokens), int(limit)
+    opts = EvalOptions() if options is None else options
+    if not isinstance(opts, EvalOptions):
+        raise EvalError(f"options must be an EvalOptions, got {type(opts).__name__}")
+    opts.check()
+    samples, max_new_tokens, limit = int(opts.samples), int(opts.max_new_tokens), int(opts.limit)
+    temperature, top_p, seed = opts.temperature, opts.top_p, opts.seed
+    system_prompt, user_template, force_think = opts.system_prompt, opts.user_template, opts.force_think
+    chat_template, tokenizer, backend, dtype = opts.chat_template, opts.tokenizer, opts.backend, opts.dtype
     names = resolve_benchmarks(benchmarks)
     problems = {}
     for n in names:
@@ -206,7 +191,7 @@ def run_eval(
     mine = items[r::world]
     try:
         gen = build_generator(backend, model, tokenizer=tokenizer, chat_template=chat_template, dtype=dtype,
-                              seed=seed + r, batch_size=batch_size, **(backend_options or {}))
+                              seed=seed + r, batch_size=opts.batch_size, **(opts.backend_options or {}))
     except BaseException:
         if created and not any(out.iterdir()):
             out.rmdir()  # a model that cannot load leaves no empty output folder behind
@@ -228,7 +213,7 @@ def run_eval(
     flat = [(b, row, j, c) for (b, row), comps in zip(mine, completions) for j, c in enumerate(comps)]
     stats_before = dict(STATS)
     verdicts = grade_many([c.text for *_, c in flat], [row["answer"] for _, row, _, _ in flat],
-                          workers=grade_workers, timeout=grade_timeout)
+                          workers=opts.grade_workers, timeout=opts.grade_timeout)
     records = [
         {
             "benchmark": b,

@@ -1,10 +1,29 @@
-"""The loss interface and its registry."""
+"""The loss interface, its registry, and what a loss normalises by.
+
+A loss sees one micro batch: ``logps`` [S] (summed token log-probs per sequence), ``counts`` [S] (response
+tokens per sequence) and the :class:`StepTotals` of the whole optimizer step. It returns the micro batch's
+*share* of the step objective: the shares of every micro batch on every rank add up to the objective, so
+the objective does not depend on how the step is split into micro batches and ranks (1 rank x micro 8 and
+2 ranks x micro 1 x 4 accumulation give the same loss and gradient). The trainer undoes DeepSpeed's
+1/accum and rank mean (see ``redi_ds.trainer``).
+
+Paired losses get S = 2B with the B chosen rows first, then the B rejected rows of the same pairs
+(``split_pairs``). Each class declares:
+
+- ``paired``: trains on (prompt, chosen, rejected) pairs rather than SFT rows;
+- ``needs_reference``: needs reference-model log-probs (precomputed once before training);
+- ``linear``: the share is ``sum_s c_s * logps_s`` with ``c = coefficients(counts, totals)`` known before
+  the pass, so the fused head produces the loss and its gradients in one pass. A linear loss writes its
+  formula once, in ``coefficients``; ``forward`` is derived from it.
+
+Found by name through ``LOSSES`` (``build_loss(cfg.loss)``), never through an if/elif chain.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar, Optional
 
-import torch
 from torch import Tensor, nn
 
 LOSSES: dict[str, type["SequenceLoss"]] = {}
@@ -13,6 +32,14 @@ LOSSES: dict[str, type["SequenceLoss"]] = {}
 def register_loss(cls: type["SequenceLoss"]) -> type["SequenceLoss"]:
     LOSSES[cls.name] = cls
     return cls
+
+
+@dataclass(frozen=True)
+class StepTotals:
+    """The whole optimizer step, across its micro batches and ranks: known before the forward pass."""
+
+    examples: int  # SFT rows, or pairs
+    tokens: int    # response (target) tokens; chosen + rejected for pairs
 
 
 class SequenceLoss(nn.Module):
@@ -25,12 +52,20 @@ class SequenceLoss(nn.Module):
     def from_config(cls, loss_cfg) -> "SequenceLoss":
         return cls()
 
-    def coefficients(self, counts: Tensor) -> Tensor:
-        """Per-sequence c_s with loss == sum_s c_s * logps_s (linear losses only)."""
+    def coefficients(self, counts: Tensor, totals: StepTotals) -> Tensor:
+        """Per-sequence c_s [S] (fp32) with share == sum_s c_s * logps_s (linear losses only)."""
         raise NotImplementedError(f"{self.name} is not linear in the sequence log-probs")
 
-    def forward(self, logps: Tensor, counts: Tensor, ref_logps: Optional[Tensor] = None) -> tuple[Tensor, dict]:
-        raise NotImplementedError
+    def forward(self, logps: Tensor, counts: Tensor, totals: StepTotals,
+                ref_logps: Optional[Tensor] = None) -> Tensor:
+        """This micro batch's share of the step objective (a scalar, differentiable in logps)."""
+        if not self.linear:
+            raise NotImplementedError
+        return (self.coefficients(counts, totals).to(logps.dtype) * logps).sum()
+
+    def metrics(self, logps: Tensor, counts: Tensor, ref_logps: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """Detached per-micro-batch means (every micro batch holds the same number of examples)."""
+        return {}
 
     # -- shared helpers
     @staticmethod
@@ -39,15 +74,17 @@ class SequenceLoss(nn.Module):
         return x[:b], x[b:]
 
     def pair_metrics(self, logps: Tensor, counts: Tensor) -> dict[str, Tensor]:
-        norm = (logps / counts.clamp(min=1)).detach()
+        """Length-normalised log-probs (mean over the pairs): logp_chosen, logp_rejected, their margin."""
+        norm = (logps.detach() / counts.clamp(min=1).to(logps.dtype))
         c, r = self.split_pairs(norm)
-        return {
-            "logp_chosen": c.mean(),
-            "logp_rejected": r.mean(),
-            "margin": (c - r).mean(),
-            "tokens": counts.sum().to(torch.float32),
-        }
+        return {"logp_chosen": c.mean(), "logp_rejected": r.mean(), "margin": (c - r).mean()}
 
 
 def build_loss(loss_cfg) -> SequenceLoss:
     return LOSSES[loss_cfg.name].from_config(loss_cfg)
+
+
+def per_pair(values: Tensor, totals: StepTotals) -> Tensor:
+    """sum of per-pair values / pairs in the step: this micro batch's share of the step's pair mean."""
+    return values.sum() / totals.examples
+

@@ -1,13 +1,13 @@
 """DPO (Rafailov et al. 2023), the paper's baseline; reference log-probs are precomputed once.
 
-    L = mean_b -log sigmoid( beta * [(lp(y+) - ref(y+)) - (lp(y-) - ref(y-))] )
+    L = mean_{pairs b of the step} -log sigmoid( beta * [(lp(y+) - ref(y+)) - (lp(y-) - ref(y-))] )
 """
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 
-from redi_ds.losses.base import SequenceLoss, register_loss
+from redi_ds.losses.base import SequenceLoss, per_pair, register_loss
 
 
 @register_loss
@@ -23,14 +23,16 @@ class DPOLoss(SequenceLoss):
     def from_config(cls, loss_cfg):
         return cls(beta=loss_cfg.beta)
 
-    def forward(self, logps, counts, ref_logps=None):
+    def _logits(self, logps, ref_logps):
         if ref_logps is None:
             raise ValueError("DPO needs reference log-probs (computed before training)")
-        ratio = logps - ref_logps.to(logps.dtype)
-        c, r = self.split_pairs(ratio)
-        logits = self.beta * (c - r)
-        loss = -F.logsigmoid(logits).mean()
-        metrics = self.pair_metrics(logps, counts)
-        metrics["reward_margin"] = (self.beta * (c - r)).detach().mean()
-        metrics["reward_accuracy"] = (logits > 0).float().mean().detach()
-        return loss, metrics
+        c, r = self.split_pairs(logps - ref_logps.to(logps.dtype))
+        return self.beta * (c - r)
+
+    def forward(self, logps, counts, totals, ref_logps=None):
+        return per_pair(-F.logsigmoid(self._logits(logps, ref_logps)), totals)
+
+    def metrics(self, logps, counts, ref_logps=None):
+        logits = self._logits(logps.detach(), ref_logps)
+        return {**self.pair_metrics(logps, counts), "reward_margin": logits.mean(),
+                "reward_accuracy": (logits > 0).float().mean()}

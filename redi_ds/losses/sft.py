@@ -1,6 +1,10 @@
-"""SFT: token-mean negative log-likelihood over the response tokens of the micro batch.
+"""SFT: the negative log-likelihood of the response tokens, a token mean over the whole optimizer step.
 
-    L = -sum_s lp_s / sum_s n_s            (linear: c_s = -1 / sum n)
+    L = -sum_{s in step} lp_s / N_step            N_step = response tokens of the step, all ranks
+
+(linear: c_s = -1 / N_step). This is what HF Trainer computes with ``num_items_in_batch`` and
+``average_tokens_across_devices``: every response token of the step weighs the same, whatever the length of
+its trace and however the step is split into micro batches and ranks.
 """
 
 from __future__ import annotations
@@ -8,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from redi_ds.losses.base import SequenceLoss, register_loss
+from redi_ds.losses.base import SequenceLoss, StepTotals, register_loss
 
 
 @register_loss
@@ -17,10 +21,5 @@ class SFTLoss(SequenceLoss):
     paired = False
     linear = True
 
-    def coefficients(self, counts: Tensor) -> Tensor:
-        total = counts.sum().to(torch.float32)
-        return torch.full(counts.shape, -1.0, dtype=torch.float32, device=counts.device) / total
-
-    def forward(self, logps, counts, ref_logps=None):
-        loss = -logps.sum() / counts.sum()
-        return loss, {"nll": loss.detach(), "tokens": counts.sum().to(torch.float32)}
+    def coefficients(self, counts: Tensor, totals: StepTotals) -> Tensor:
+        return torch.full(counts.shape, -1.0 / totals.tokens, dtype=torch.float32, device=counts.device)

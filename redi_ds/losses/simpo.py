@@ -1,13 +1,13 @@
 """SimPO (Meng et al. 2024), the paper's baseline: reference-free, length-normalised, with a margin.
 
-    L = mean_b -log sigmoid( beta * lp(y+)/|y+| - beta * lp(y-)/|y-| - gamma )
+    L = mean_{pairs b of the step} -log sigmoid( beta * lp(y+)/|y+| - beta * lp(y-)/|y-| - gamma )
 """
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 
-from redi_ds.losses.base import SequenceLoss, register_loss
+from redi_ds.losses.base import SequenceLoss, per_pair, register_loss
 
 
 @register_loss
@@ -22,10 +22,13 @@ class SimPOLoss(SequenceLoss):
     def from_config(cls, loss_cfg):
         return cls(beta=loss_cfg.beta, gamma=loss_cfg.gamma)
 
-    def forward(self, logps, counts, ref_logps=None):
+    def _logits(self, logps, counts):
         c, r = self.split_pairs(logps / counts.to(logps.dtype))
-        logits = self.beta * (c - r) - self.gamma
-        loss = -F.logsigmoid(logits).mean()
-        metrics = self.pair_metrics(logps, counts)
-        metrics["reward_accuracy"] = (logits > 0).float().mean().detach()
-        return loss, metrics
+        return self.beta * (c - r) - self.gamma
+
+    def forward(self, logps, counts, totals, ref_logps=None):
+        return per_pair(-F.logsigmoid(self._logits(logps, counts)), totals)
+
+    def metrics(self, logps, counts, ref_logps=None):
+        logits = self._logits(logps.detach(), counts)
+        return {**self.pair_metrics(logps, counts), "reward_accuracy": (logits > 0).float().mean()}

@@ -1,0 +1,1 @@
+"""DeepSpeed JSON files (ZeRO and precision only), shipped as package data: ``redi_ds.ds_configs``."""

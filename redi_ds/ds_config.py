@@ -1,0 +1,96 @@
+"""The DeepSpeed JSON: ZeRO and precision from ``ds_configs/*.json``; everything else from our config.
+
+The bundled files ship inside the package (``redi_ds.ds_configs``, mapped from the top-level ``ds_configs/``
+folder, read through ``importlib.resources``), so a regular, non-editable install finds them.
+``deepspeed.config`` names one of them (``zero3``, ``zero2``, ``zero3_offload``) or a JSON file of your own.
+Batch sizes, accumulation, clipping, optimizer and schedule live in our config, never in the JSON: a JSON
+that sets them is a one-line error. ``deepspeed.zero`` entries are merged into ``zero_optimization`` and,
+with it, validated against DeepSpeed's own schema before any process group starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+
+from redi_ds.config import ConfigError
+
+PACKAGE = "redi_ds.ds_configs"
+# set from our config (train.*, deepspeed.precision): a JSON that sets them would silently disagree
+OURS = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size / (micro x world)",
+    "gradient_clipping": "train.grad_clip",
+    "optimizer": "train.lr, train.adam_betas, train.adam_eps, train.weight_decay",
+    "scheduler": "train.schedule, train.warmup_ratio",
+}
+
+
+def bundled_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(PACKAGE).iterdir() if p.name.endswith(".json"))
+
+
+def locate(name: str) -> tuple[str, str]:
+    """(label, JSON text) of a bundled name or a .json path; ConfigError when neither exists."""
+    if name.endswith(".json"):
+        if not os.path.isfile(name):
+            raise ConfigError(f"deepspeed.config: {name!r}: no such file")
+        with open(name, encoding="utf-8") as f:
+            return name, f.read()
+    res = resources.files(PACKAGE).joinpath(f"{name}.json")
+    if not res.is_file():
+        raise ConfigError(f"deepspeed.config: {name!r} is neither a .json file nor one of {', '.join(bundled_names())}")
+    return f"ds_configs/{name}.json", res.read_text(encoding="utf-8")
+
+
+def load(ds_cfg) -> dict:
+    """The JSON of ``ds_cfg.config`` with ``ds_cfg.zero`` merged into zero_optimization (not yet validated)."""
+    label, text = locate(ds_cfg.config)
+    try:
+        ds = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{label}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{label}: the top level must be an object")
+    for key, where in OURS.items():
+        if key in ds:
+            raise ConfigError(f"{label}: {key!r} is set by our config ({where}), not in the DeepSpeed JSON")
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{label}: 'zero_optimization' must be an object")
+    ds["zero_optimization"] = {**zero, **ds_cfg.zero}
+    return ds
+
+
+def validate_zero(ds: dict, label: str = "deepspeed") -> None:
+    """DeepSpeed's own schema for zero_optimization, as a one-line error (imports deepspeed: seconds)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(**ds["zero_optimization"])
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "zero_optimization"
+        raise ConfigError(f"{label}: deepspeed.zero / zero_optimization.{key}: {err['msg']} "
+                          f"(got {err.get('input')!r})") from None
+
+
+def build(cfg, accum: int, precision: str) -> dict:
+    """The dict for ``deepspeed.initialize``: the JSON's ZeRO settings + batch sizes, clipping, precision."""
+    ds = load(cfg.deepspeed)
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
+    ds["fp16"] = {"initial_scale_power": 16, **ds.get("fp16", {}), "enabled": precision == "fp16"}
+    ds.update({
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.train.grad_clip,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    })
+    if "offload_optimizer" not in ds["zero_optimization"]:
+        ds["zero_force_ds_cpu_optimizer"] = False
+    return ds
