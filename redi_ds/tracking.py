@@ -125,3 +125,31 @@ class Tracker:
                     mlflow.end_run(status=item[1])
             except Exception as e:  # noqa: BLE001
                 self._warn("logging", e)
+
+
+def run_tags(cfg, base_model: str) -> dict[str, str]:
+    """Tags a person can browse training runs by: stage, loss and its hyperparameters (alpha for REDI, beta and
+    gamma for DPO / SimPO), the model it started from (and, for ``@stage``, that stage's MLflow run), the run
+    name and the git commit of the code."""
+    from redi_ds.stage import StageDir
+
+    by_loss = {"redi": ("alpha",), "dpo": ("beta",), "simpo": ("beta", "gamma")}
+    tags = {"stage": cfg.stage, "loss": cfg.loss.name, "base_model": base_model, "run": cfg.run.name,
+            "git_commit": git_commit()}
+    if cfg.model.name_or_path.startswith("@"):
+        source = cfg.model.name_or_path[1:]
+        tags["started_from_stage"] = source
+        tags["started_from_run"] = StageDir(Path(cfg.run.output_dir) / source).run_id() or "unknown"
+    return tags | {k: str(getattr(cfg.loss, k)) for k in by_loss.get(cfg.loss.name, ())}
+
+
+def git_commit() -> str:
+    """The short commit of the checkout this code runs from ("unknown" for an installed copy)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

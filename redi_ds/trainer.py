@@ -28,11 +28,8 @@ Rerunning a finished stage with the same config says so and exits (``run.resume:
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import signal
-import socket
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -42,11 +39,14 @@ from typing import Any, Optional
 import torch
 
 from redi_ds.checkpoints import CheckpointStore, log0
-from redi_ds.config import Config, ConfigError, grad_accum_steps, save_config
+from redi_ds.config import Config, grad_accum_steps, save_config
 from redi_ds.data import DataError
 from redi_ds.data.collate import collate
+from redi_ds.distributed import StageLock, StopRequest, current_device, init_distributed, params_finite
 from redi_ds.errors import TrainingError
 from redi_ds.losses import SequenceLoss, StepTotals, build_loss
+from redi_ds.schedule import lr_lambda, make_optimizer, resolve_precision, step_indices
+from redi_ds.stage import StageDir
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -131,8 +131,8 @@ class Run:
         return self.cfg.stage_dir
 
     @property
-    def metrics_file(self) -> Path:
-        return self.cfg.stage_dir / "metrics.jsonl"
+    def stage(self) -> StageDir:
+        return StageDir(self.cfg.stage_dir)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -189,7 +189,7 @@ def build(cfg: Config) -> Run:
     total_steps = count_steps(cfg, len(data))
 
     rank, world = init_distributed()
-    device = _device()
+    device = current_device()
     lock = StageLock.acquire(cfg.stage_dir, rank)
     store = CheckpointStore(cfg.stage_dir, rank)
     store.clean_partials()
@@ -263,46 +263,21 @@ def resume_point(cfg: Config, store: CheckpointStore) -> Optional[Path]:
 
 def start_tracking(cfg: Config, rank: int, world: int, accum: int, examples: int, start_step: int,
                    total_steps: int, model_path: str):
-    """MLflow on global rank 0 (a run named {run.name}/{stage}, tagged); the stage dir's config and metrics."""
-    from redi_ds.tracking import Tracker
+    """MLflow on global rank 0 (a run named {run.name}/{stage}, tagged); rank 0 begins the stage directory."""
+    from redi_ds.tracking import Tracker, run_tags
 
     tracker = Tracker(cfg.tracking, cfg.run.output_dir, enabled=rank == 0)
     if rank != 0:
         return tracker
-    stage_dir = cfg.stage_dir
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, stage_dir / "config.yaml")
-    for marker in ("preempted", "done"):
-        (stage_dir / marker).unlink(missing_ok=True)
-    _truncate_metrics(stage_dir / "metrics.jsonl", start_step)  # rows past the checkpoint are redone
-    run_id_file = stage_dir / "mlflow_run_id"
-    prior = run_id_file.read_text().strip() if run_id_file.exists() and start_step > 0 else None
+    stage = StageDir(cfg.stage_dir)
+    prior = stage.begin(cfg, start_step)
     params = cfg.flat() | {"world_size": world, "grad_accum": accum, "examples": examples, "total_steps": total_steps}
-    tags = {"stage": cfg.stage, "loss": cfg.loss.name, "base_model": model_path, "run": cfg.run.name,
-            "git_commit": _git_commit(), **loss_tags(cfg)}
     run_id = tracker.start(params, run_id=prior, run_name=cfg.tracking.run_name or f"{cfg.run.name}/{cfg.stage}",
-                           tags=tags)
+                           tags=run_tags(cfg, model_path))
     if run_id:
-        run_id_file.write_text(run_id)
-        tracker.log_artifact(str(stage_dir / "config.yaml"))
+        stage.set_run_id(run_id)
+        tracker.log_artifact(str(cfg.stage_dir / "config.yaml"))
     return tracker
-
-
-def loss_tags(cfg: Config) -> dict:
-    """The hyperparameters that name a run: alpha for REDI, beta (and gamma) for DPO / SimPO."""
-    by_loss = {"redi": ("alpha",), "dpo": ("beta",), "simpo": ("beta", "gamma")}
-    return {k: str(getattr(cfg.loss, k)) for k in by_loss.get(cfg.loss.name, ())}
-
-
-def _git_commit() -> str:
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 # ----------------------------------------------------------------------------- one step
@@ -350,8 +325,7 @@ def record(run: Run, stats: StepStats) -> None:
     row = stats.row() | {"skipped_steps": run.skipped_steps}
     run.last = row
     if run.rank == 0:
-        with open(run.metrics_file, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        run.stage.append_metrics(row)
         if stats.step % run.cfg.train.log_every == 0 or stats.step == run.total_steps:
             run.tracker.log_metrics(row, step=stats.step)
         run.bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
@@ -393,22 +367,6 @@ def save(run: Run, step: int) -> None:
     run.store.save(run.engine, run.cfg, step, run.world)
 
 
-def params_finite(engine, device) -> bool:
-    """Every rank checks its own partition (ZeRO-3: ds_tensor); agreed by a MIN all-reduce."""
-    import torch.distributed as dist
-
-    ok = True
-    for p in engine.module.parameters():
-        t = getattr(p, "ds_tensor", None)
-        t = p.data if t is None else t
-        if t.numel() and not bool(torch.isfinite(t).all()):
-            ok = False
-            break
-    flag = torch.tensor([1.0 if ok else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() > 0)
-
-
 # ----------------------------------------------------------------------------- the end
 
 
@@ -427,7 +385,7 @@ def finish(run: Run) -> TrainResult:
     if latest is None or latest.name != final_tag:
         save(run, run.total_steps)
     result = TrainResult(stage=cfg.stage, stage_dir=str(run.stage_dir), steps=run.total_steps, status="done",
-                         final=run.last or _last_row(run.metrics_file), run_id=run.tracker.run_id,
+                         final=run.last or run.stage.last_metrics(), run_id=run.tracker.run_id,
                          tracking_uri=run.tracker.uri if run.tracker.enabled else None)
     export_dir = run.stage_dir / "export"
     if cfg.train.export:
@@ -438,19 +396,19 @@ def finish(run: Run) -> TrainResult:
         dist.barrier()
         result.export = str(export_dir)
     if rank == 0:
-        (run.stage_dir / "final_metrics.json").write_text(json.dumps(result.to_json(), indent=2))
+        final_file = run.stage.write_result(result.to_json())
         run.tracker.log_metrics({f"final_{k}": v for k, v in result.final.items() if k != "step"},
                                 step=run.total_steps)
-        run.tracker.log_artifact(str(run.stage_dir / "final_metrics.json"))
-        run.tracker.log_artifact(str(run.metrics_file))
+        run.tracker.log_artifact(str(final_file))
+        run.tracker.log_artifact(str(run.stage.metrics))
     if cfg.eval.benchmarks and cfg.train.export:
         run.engine.destroy()  # free the accelerator for generation
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         result.eval = evaluate(cfg, export_dir, run.tracker, rank, run.world)
     if rank == 0:
-        (run.stage_dir / "final_metrics.json").write_text(json.dumps(result.to_json(), indent=2))
-        (run.stage_dir / "done").write_text(json.dumps({"steps": run.total_steps, "checkpoint": final_tag}) + "\n")
+        run.stage.write_result(result.to_json())
+        run.stage.mark_done(run.total_steps, final_tag)
     run.tracker.finish()
     dist.barrier()
     return result
@@ -458,7 +416,7 @@ def finish(run: Run) -> TrainResult:
 
 def preempted(run: Run, done: int) -> TrainResult:
     if run.rank == 0:
-        (run.stage_dir / "preempted").write_text(f"stopped after step {done}\n")
+        run.stage.mark_preempted(done)
         log0(f"stopped early at step {done}: checkpoint saved; rerun the same command to resume")
     run.tracker.finish("KILLED")
     return TrainResult(stage=run.cfg.stage, stage_dir=str(run.stage_dir), steps=done, status="preempted",
@@ -467,173 +425,16 @@ def preempted(run: Run, done: int) -> TrainResult:
 
 def finished(cfg: Config) -> Optional[TrainResult]:
     """The stored result of a stage that is done with this very config (its final checkpoint present)."""
-    stage_dir = cfg.stage_dir
-    if cfg.run.resume != "auto" or not (stage_dir / "done").is_file():
+    if cfg.run.resume != "auto":
         return None
-    try:
-        done = json.loads((stage_dir / "done").read_text())
-        same = _comparable(_yaml(stage_dir / "config.yaml")) == _comparable(json.loads(json.dumps(cfg.to_dict())))
-        result = json.loads((stage_dir / "final_metrics.json").read_text())
-    except (OSError, ValueError, TypeError):
+    result = StageDir(cfg.stage_dir).finished(cfg, CheckpointStore(cfg.stage_dir, 0).latest())
+    if result is None:
         return None
-    latest = CheckpointStore(stage_dir, 0).latest()
-    if not same or latest is None or latest.name != done.get("checkpoint"):
-        return None
-    result["status"] = "already_done"
     known = set(TrainResult.__dataclass_fields__)
-    return TrainResult(**{k: v for k, v in result.items() if k in known})
-
-
-def _comparable(tree: dict) -> dict:
-    """A resolved config without ``run.resume`` (how the stage was reached is not what it trained)."""
-    return {**tree, "run": {k: v for k, v in tree.get("run", {}).items() if k != "resume"}}
-
-
-def _yaml(path: Path):
-    import yaml
-
-    return yaml.safe_load(path.read_text())
-
-
-def _last_row(path: Path) -> dict:
-    rows = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    return json.loads(rows[-1]) if rows else {}
+    return TrainResult(**{k: v for k, v in result.items() if k in known} | {"status": "already_done"})
 
 
 # ----------------------------------------------------------------------------- pieces
-
-
-def init_distributed():
-    import deepspeed
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def resolve_precision(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-
-
-def make_optimizer(model: torch.nn.Module, cfg: Config, offload: bool):
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    kw = dict(lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps)
-    if offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
-    return torch.optim.AdamW(groups, **kw)
-
-
-def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if schedule == "cosine":
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        return min_ratio + (1 - min_ratio) * (1 - progress)
-
-    return f
-
-
-def step_indices(n: int, global_batch: int, seed: int, step: int, shuffle: bool) -> list[int]:
-    """The ``global_batch`` example indices of optimizer step ``step`` (epochs drop their remainder)."""
-    per_epoch = n // global_batch
-    epoch, k = divmod(step, per_epoch)
-    if shuffle:
-        g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-        order = torch.randperm(n, generator=g).tolist()
-    else:
-        order = list(range(n))
-    return order[k * global_batch:(k + 1) * global_batch]
-
-
-class StopRequest:
-    """Preemption: a signal, or $REDI_DS_STOP_FILE appearing; agreed on by all ranks at step boundaries."""
-
-    def __init__(self):
-        self.flag = False
-        self.file = os.environ.get("REDI_DS_STOP_FILE")
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            try:
-                signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread
-                pass
-
-    def _handler(self, signum, frame):
-        self.flag = True
-
-    def agreed(self) -> bool:
-        import torch.distributed as dist
-
-        local = self.flag or bool(self.file and os.path.exists(self.file))
-        t = torch.tensor([1.0 if local else 0.0], device=_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
-
-class StageLock:
-    """An exclusive lock on a stage directory, held by global rank 0 for the whole run (all ranks agree)."""
-
-    def __init__(self, fd: Optional[int]):
-        self.fd = fd
-
-    @classmethod
-    def acquire(cls, stage_dir: Path, rank: int) -> "StageLock":
-        import fcntl
-
-        import torch.distributed as dist
-
-        fd, holder = None, ""
-        if rank == 0:
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            path = stage_dir / ".lock"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                os.ftruncate(fd, 0)
-                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}"
-                         .encode())
-            except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                os.close(fd)
-                fd = None
-            except OSError:  # a file system without flock: run unlocked rather than not at all
-                pass
-        busy = torch.tensor([1.0 if holder else 0.0], device=_device())
-        dist.all_reduce(busy, op=dist.ReduceOp.MAX)
-        if busy.item() > 0:
-            raise ConfigError(f"{stage_dir} is in use by another run ({holder or 'see rank 0'}); wait for it to end, "
-                              f"or set run.output_dir to another folder")
-        return cls(fd)
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor drops the flock
-            self.fd = None
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -645,15 +446,6 @@ def consolidated_state_dict(engine) -> dict:
     if engine.zero_optimization_partition_weights():
         return engine._zero3_consolidated_16bit_state_dict()
     return engine.module.state_dict()
-
-
-def _truncate_metrics(path: Path, steps: int) -> None:
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line)["step"] <= steps]
-    if len(kept) != len(rows):
-        path.write_text("".join(line + "\n" for line in kept))
 
 
 def _pair_index(rows, kind, n):  # sequence order within a batch: chosen rows then rejected rows

@@ -8,7 +8,7 @@ from redi_ds.data.collate import collate
 from redi_ds.kernels import FusedHeadOptions
 from redi_ds.losses import StepTotals, build_loss
 from redi_ds.model import PolicyModel, build_model, resolve_model_path
-from redi_ds.trainer import lr_lambda, step_indices
+from redi_ds.schedule import lr_lambda, step_indices
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2)
@@ -87,10 +87,12 @@ def test_sft_export_reference():
 def test_resume_drops_metric_rows_past_the_checkpoint(tmp_path):
     import json
 
-    from redi_ds.trainer import _truncate_metrics
+    from redi_ds.stage import StageDir
 
-    f = tmp_path / "metrics.jsonl"
-    f.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)))
-    _truncate_metrics(f, 3)
-    assert [json.loads(x)["step"] for x in f.read_text().splitlines()] == [1, 2, 3]
-    _truncate_metrics(tmp_path / "absent.jsonl", 3)  # nothing to do
+    stage = StageDir(tmp_path)
+    stage.truncate_metrics(3)  # no file yet: nothing to do
+    for s in range(1, 6):
+        stage.append_metrics({"step": s, "loss": 1.0 / s})
+    stage.truncate_metrics(3)
+    assert [json.loads(x)["step"] for x in stage.metrics.read_text().splitlines()] == [1, 2, 3]
+    assert stage.last_metrics() == {"step": 3, "loss": 1.0 / 3}

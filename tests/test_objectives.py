@@ -81,7 +81,7 @@ def test_step_one_equals_the_objective_from_the_initial_model(runs, loss):
     from redi_ds.data.tokenize import ChatEncoder, encode_dataset
     from redi_ds.model import build_model, load_tokenizer
     from redi_ds.kernels import reference_sequence_logprobs
-    from redi_ds.trainer import step_indices
+    from redi_ds.schedule import step_indices
 
     cfg = load_config("tiny", stage=loss, overrides=_args(loss, runs / f"{'sft' if loss == 'sft' else 'pairs'}.jsonl",
                                                            runs / "x", 4)[4:])

@@ -63,3 +63,15 @@ def test_a_regular_install_trains(tmp_path):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "run" / "sft" / "checkpoints" / "step_1" / "meta.json").is_file()
+
+
+def test_install_requires_a_transformers_that_packs_with_sdpa():
+    """transformers < 4.56 silently lets packed sequences attend across boundaries under sdpa (no packing
+    detection from position_ids) and lacks the dtype= keyword: the package must not install with one."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    reqs = {r.name: r for r in map(Requirement, requires("redi-ds"))}
+    spec = reqs["transformers"].specifier
+    assert "4.56.0" in spec and "4.55.4" not in spec

@@ -102,7 +102,10 @@ def test_training_logs_to_a_real_mlflow_server(tmp_path):
         assert f"MLflow run {run_id} at {url}" in r.stdout
         client = MlflowClient(tracking_uri=url)
         run = client.get_run(run_id)
-        assert run.info.status == "FINISHED"
+        assert run.info.status == "FINISHED" and run.info.run_name == "tiny/redi"
+        tags = run.data.tags
+        assert (tags["stage"], tags["loss"], tags["alpha"], tags["base_model"], tags["run"]) == (
+            "redi", "redi", "0.8", "tiny", "tiny") and tags["git_commit"]
         assert run.data.params["loss.alpha"] == "0.8" and run.data.params["loss.name"] == "redi"
         assert run.data.params["train.global_batch_size"] == "8" and run.data.params["world_size"] == "1"
         for key in ("loss", "logp_chosen", "logp_rejected", "margin", "lr", "grad_norm", "tokens_per_s"):

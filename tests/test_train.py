@@ -7,7 +7,10 @@ import json
 import pytest
 import torch
 
-from trainutil import FAST, losses, torchrun
+import subprocess
+import sys
+
+from trainutil import FAST, ROOT, env_for, free_port, losses, run_configs, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -86,17 +89,43 @@ def test_resume_reproduces_the_uninterrupted_run(sft_run, tmp_path):
     assert losses(tmp_path / "sft") == pytest.approx(losses(base / "sft"), rel=1e-6, abs=1e-7)
 
 
-def test_fused_head_matches_unfused_path_on_redi(tmp_path):
-    """Per-step REDI losses with the fused kernel equal the logits path (tied embeddings, ZeRO-3, 2 ranks)."""
-    common = ["--stage", "redi", *FAST, "--model.name_or_path", "tiny", "--model.sft_if_missing", "false",
-              "--train.max_steps", "4", "--train.lr", "1e-3", "--train.export", "false"]
-    torchrun([*common, "--kernel.impl", "torch", "--run.output_dir", str(tmp_path / "fused")], tmp_path)
-    torchrun([*common, "--kernel.impl", "reference", "--run.output_dir", str(tmp_path / "ref")], tmp_path)
-    fused, ref = losses(tmp_path / "fused" / "redi"), losses(tmp_path / "ref" / "redi")
-    assert len(fused) == 4 and fused == pytest.approx(ref, rel=1e-4, abs=1e-5)
-    assert fused[-1] < fused[0]
-    rows = [json.loads(x) for x in (tmp_path / "fused" / "redi" / "metrics.jsonl").read_text().splitlines()]
-    assert all({"logp_chosen", "logp_rejected", "margin", "grad_norm", "lr"} <= set(r) for r in rows)
+def test_fused_head_matches_unfused_path(tmp_path):
+    """Per-step losses with the fused kernel equal the logits path, tied (the head hides from DeepSpeed's
+    backward hooks) and untied embeddings alike (ZeRO-3, 2 ranks, one process group: tests/run_configs.py)."""
+    loss, runs = "redi", []
+    for tied in ("true", "false"):
+        for impl in ("torch", "reference"):
+            runs.append(["--config", "tiny", "--stage", loss, *FAST, "--model.name_or_path", "tiny",
+                         "--model.sft_if_missing", "false", "--train.max_steps", "3", "--train.lr", "1e-3",
+                         "--train.export", "false", "--model.tiny.tie_word_embeddings", tied, "--kernel.impl", impl,
+                         "--run.output_dir", str(tmp_path / f"{tied}-{impl}")])
+    run_configs(runs, tmp_path, nproc=2)
+    for tied in ("true", "false"):
+        fused, ref = losses(tmp_path / f"{tied}-torch" / loss), losses(tmp_path / f"{tied}-reference" / loss)
+        assert len(fused) == 3 and fused == pytest.approx(ref, rel=1e-4, abs=1e-5), tied
+        assert fused[-1] < fused[0]
+    rows = [json.loads(x) for x in (tmp_path / "true-torch" / loss / "metrics.jsonl").read_text().splitlines()]
+    assert all({"logp_chosen", "logp_rejected", "margin", "grad_norm", "lr", "target_tokens", "skipped_steps"}
+               <= set(r) for r in rows)
+
+
+def test_tied_head_is_not_gathered_for_its_backward(tmp_path):
+    """ZeRO-3 with every parameter released after use (a model too big to keep resident): per micro batch the
+    tied head weight is gathered twice in forward (embedding, head) and once in backward (the embedding's),
+    not twice: the one-pass head formed its gradients in forward and needs no weight in backward."""
+    out = tmp_path / "gather.json"
+    zero = ("{stage3_param_persistence_threshold: 0, stage3_max_live_parameters: 0, stage3_max_reuse_distance: 0, "
+            "stage3_prefetch_bucket_size: 0}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "redi_ds.kernels.bench_zero3_gather", "--loss", "redi", "--steps", "2", "--json", str(out),
+           "--train.micro_batch_size", "2", "--deepspeed.zero", zero, "--out", str(tmp_path / "run")]
+    r = subprocess.run(cmd, cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.loads(out.read_text())
+    per_micro = res["per_step_mib"]
+    accum = 2  # global 8 = micro 2 x accum 2 x 2 ranks
+    assert per_micro["backward/head"] == pytest.approx(accum * res["head_mib"], rel=1e-3)
+    assert per_micro["forward/head"] == pytest.approx(2 * accum * res["head_mib"], rel=1e-3)
 
 
 def test_dpo_reference_pass_and_simpo_run(tmp_path):

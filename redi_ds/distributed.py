@@ -1,0 +1,120 @@
+"""Process-level pieces of a run: the process group, the device, stop requests, and the stage lock.
+
+Every decision that all ranks must share (stop now? is the stage dir free?) is taken by an all-reduce, so no rank
+can go on while another stops.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from redi_ds.config import ConfigError
+
+
+def init_distributed():
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+class StopRequest:
+    """Preemption: a signal, or $REDI_DS_STOP_FILE appearing; agreed on by all ranks at step boundaries."""
+
+    def __init__(self):
+        self.flag = False
+        self.file = os.environ.get("REDI_DS_STOP_FILE")
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handler(self, signum, frame):
+        self.flag = True
+
+    def agreed(self) -> bool:
+        import torch.distributed as dist
+
+        local = self.flag or bool(self.file and os.path.exists(self.file))
+        t = torch.tensor([1.0 if local else 0.0], device=current_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+
+class StageLock:
+    """An exclusive lock on a stage directory, held by global rank 0 for the whole run (all ranks agree)."""
+
+    def __init__(self, fd: Optional[int]):
+        self.fd = fd
+
+    @classmethod
+    def acquire(cls, stage_dir: Path, rank: int) -> "StageLock":
+        import fcntl
+
+        import torch.distributed as dist
+
+        fd, holder = None, ""
+        if rank == 0:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            path = stage_dir / ".lock"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}"
+                         .encode())
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                fd = None
+            except OSError:  # a file system without flock: run unlocked rather than not at all
+                pass
+        busy = torch.tensor([1.0 if holder else 0.0], device=current_device())
+        dist.all_reduce(busy, op=dist.ReduceOp.MAX)
+        if busy.item() > 0:
+            raise ConfigError(f"{stage_dir} is in use by another run ({holder or 'see rank 0'}); wait for it to end, "
+                              f"or set run.output_dir to another folder")
+        return cls(fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
+def current_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def params_finite(engine, device) -> bool:
+    """Every rank checks its own partition (ZeRO-3: ds_tensor); agreed by a MIN all-reduce."""
+    import torch.distributed as dist
+
+    ok = True
+    for p in engine.module.parameters():
+        t = getattr(p, "ds_tensor", None)
+        t = p.data if t is None else t
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            ok = False
+            break
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
