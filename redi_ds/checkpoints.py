@@ -90,7 +90,7 @@ class CheckpointStore:
         if not _complete(path):
             raise ConfigError(f"run.resume: {path} is not a checkpoint written by redi-ds (no meta.json)")
         saved = meta.get("world_size")
-        if saved is not None and int(saved) != world:
+        if saved is not None and int(saved) != world:  # (another sequence_parallel_size over the same world is fine)
             raise ConfigError(f"run.resume: {path} was written by {saved} ranks and this run has {world}: ZeRO "
                               f"shards are per rank, so resume with {saved} ranks (or run.resume: never)")
         gb = meta.get("global_batch_size")
@@ -141,6 +141,7 @@ class CheckpointStore:
             try:
                 save_config(cfg, partial / "config.yaml")
                 meta = {"step": step, "world_size": world, "global_batch_size": cfg.train.global_batch_size,
+                        "sequence_parallel_size": cfg.deepspeed.sequence_parallel_size,
                         "micro_batch_size": cfg.train.micro_batch_size, "stage": cfg.stage,
                         "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
                 (partial / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")

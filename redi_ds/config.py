@@ -114,6 +114,8 @@ class TrainConfig:
 class LossConfig:
     name: str = "redi"  # sft | redi | dpo | simpo
     alpha: float = 0.8  # REDI: weight of the rejected term
+    negative_span: str = "all"  # REDI: all (the paper's loss) | divergent (rejected tokens from the first one
+    #                             that departs from the chosen trace, normalised by that span's length)
     beta: float = 0.1  # DPO / SimPO temperature
     gamma: float = 1.0  # SimPO target reward margin, subtracted inside the sigmoid
 
@@ -123,6 +125,7 @@ class DeepSpeedConfig:
     config: str = "zero3"  # name in ds_configs/ (zero3, zero2, zero3_offload) or a JSON path
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     zero: dict = field(default_factory=dict)  # merged into zero_optimization (e.g. stage3_param_persistence_threshold)
+    sequence_parallel_size: int = 1  # N > 1: DeepSpeed's Ulysses; the world is N-way SP x (world / N) data parallel
 
 
 @dataclass
@@ -130,7 +133,9 @@ class TrackingConfig:
     enabled: bool = True
     uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///{output_dir}/mlflow.db
     experiment: str = "redi-ds"
-    run_name: Optional[str] = None
+    run_name: Optional[str] = None  # None: {run.name}/{stage}
+    parent_run_id: Optional[str] = None  # nest this run under another (the ablation's parent run)
+    tags: dict = field(default_factory=dict)  # extra tags (the ablation's branch and seed)
 
 
 @dataclass
@@ -140,6 +145,9 @@ class EvalConfig(EvalOptions):
 
     benchmarks: list[str] = field(default_factory=list)  # empty: no evaluation
     max_new_tokens: int = 512
+    heldout_pairs: str = ""  # pairs (prompt, chosen, rejected) whose length-normalised log-probs are tracked,
+    #                          or "synthetic": the embedded default's 32 bundled held-out pairs
+    heldout_every: int = 0  # optimizer steps between those probes (0: never); written to heldout.jsonl
 
 
 @dataclass
@@ -241,7 +249,9 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
 
 
 def load_config(name_or_path: str = "tiny", stage: Optional[str] = None,
-                overrides: Optional[list[str]] = None) -> Config:
+                overrides: Optional[list[str]] = None, settings: Optional[dict[str, Any]] = None) -> Config:
+    """``overrides``: command-line style (``["--loss.alpha", "0.5"]``); ``settings``: the same as values
+    (``{"loss.alpha": 0.5}``), applied after them (for programs that compose configs, like the ablation)."""
     source, text = _locate(name_or_path)
     try:
         raw = yaml.safe_load(text) or {}
@@ -260,7 +270,7 @@ def load_config(name_or_path: str = "tiny", stage: Optional[str] = None,
         raise ConfigError(f"{source}: no stage {stage!r} (stages: {', '.join(stages)})")
     merged = _deep_merge(raw, stages.get(stage) or {})
     merged["stage"] = stage
-    for key, value in parse_overrides(overrides or []):
+    for key, value in parse_overrides(overrides or []) + list((settings or {}).items()):
         _set_dotted(merged, key, value)
     _inherit(merged, "eval.system_prompt", "data.system_prompt")  # evaluate with the prompt it trained on
     cfg = from_dict(Config, merged, source=source)
@@ -396,6 +406,12 @@ def validate(cfg: Config, source: str = "config") -> None:
         fail(f"loss.name = {cfg.loss.name!r}; expected one of {', '.join(sorted(LOSSES))}")
     if not 0.0 <= cfg.loss.alpha <= 1.0:
         fail(f"loss.alpha = {cfg.loss.alpha}; REDI's alpha lies in [0, 1]")
+    if cfg.loss.negative_span not in ("all", "divergent"):
+        fail(f"loss.negative_span = {cfg.loss.negative_span!r}; expected all or divergent")
+    if cfg.loss.negative_span != "all" and cfg.loss.name != "redi":
+        fail(f"loss.negative_span = {cfg.loss.negative_span!r} is a REDI option (loss.name is {cfg.loss.name!r})")
+    if cfg.eval.heldout_every < 0 or (cfg.eval.heldout_every and not cfg.eval.heldout_pairs):
+        fail("eval.heldout_every needs eval.heldout_pairs (a JSONL of prompt, chosen, rejected) and must be >= 0")
     t = cfg.train
     for name, value, low in (("lr", t.lr, "> 0"), ("adam_eps", t.adam_eps, "> 0"), ("grad_clip", t.grad_clip, ">= 0"),
                              ("weight_decay", t.weight_decay, ">= 0"), ("min_lr_ratio", t.min_lr_ratio, ">= 0")):
@@ -424,6 +440,11 @@ def validate(cfg: Config, source: str = "config") -> None:
         fail("data.path is empty")
     if d.max_prompt_length < 1 or d.max_length <= d.max_prompt_length:
         fail(f"data.max_length ({d.max_length}) must exceed data.max_prompt_length ({d.max_prompt_length})")
+    if cfg.deepspeed.sequence_parallel_size < 1:
+        fail(f"deepspeed.sequence_parallel_size = {cfg.deepspeed.sequence_parallel_size}; must be >= 1")
+    if cfg.deepspeed.sequence_parallel_size > 1 and cfg.model.attn_implementation == "eager":
+        fail("model.attn_implementation: eager cannot run under sequence parallelism (Ulysses drops the 4D mask "
+             "eager needs); use auto, sdpa or flash_attention_2")
     r = cfg.run.resume
     if r not in ("auto", "never") and not (Path(r).is_dir() and Path(r).parent.is_dir()):
         fail(f"run.resume = {r!r}: not a checkpoint folder (expected auto, never, or a folder such as "
@@ -441,15 +462,31 @@ def validate(cfg: Config, source: str = "config") -> None:
         fail(f"eval: {e}")
 
 
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    """world / deepspeed.sequence_parallel_size; a one-line error when it does not divide."""
+    n = cfg.deepspeed.sequence_parallel_size
+    if world_size % n:
+        src = getattr(cfg, "_source", "config")
+        raise ConfigError(f"{src}: the world size ({world_size}) is not divisible by deepspeed.sequence_parallel_size "
+                          f"({n})")
+    return world_size // n
+
+
 def grad_accum_steps(cfg: Config, world_size: int) -> int:
-    """Accumulation steps so that micro * accum * world == global; a one-line error otherwise."""
+    """Accumulation steps so that micro * accum * data-parallel size == global; a one-line error otherwise.
+    With sequence parallelism the ranks of an SP group share their micro batches: the data-parallel size is
+    world / N."""
     t = cfg.train
-    per_step = t.micro_batch_size * world_size
+    dp = data_parallel_size(cfg, world_size)
+    per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
         src = getattr(cfg, "_source", "config")
+        by = f"data-parallel size ({dp} = world {world_size} / sequence_parallel_size " \
+             f"{cfg.deepspeed.sequence_parallel_size})" if cfg.deepspeed.sequence_parallel_size > 1 \
+            else f"world size ({world_size})"
         raise ConfigError(
             f"{src}: train.global_batch_size ({t.global_batch_size}) is not divisible by "
-            f"train.micro_batch_size ({t.micro_batch_size}) x world size ({world_size})")
+            f"train.micro_batch_size ({t.micro_batch_size}) x {by}")
     return t.global_batch_size // per_step
 
 

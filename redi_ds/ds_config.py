@@ -23,6 +23,7 @@ OURS = {
     "train_micro_batch_size_per_gpu": "train.micro_batch_size",
     "gradient_accumulation_steps": "train.global_batch_size / (micro x world)",
     "gradient_clipping": "train.grad_clip",
+    "sequence_parallel_size": "deepspeed.sequence_parallel_size",
     "optimizer": "train.lr, train.adam_betas, train.adam_eps, train.weight_decay",
     "scheduler": "train.schedule, train.warmup_ratio",
 }
@@ -78,6 +79,28 @@ def validate_zero(ds: dict, label: str = "deepspeed") -> None:
                           f"(got {err.get('input')!r})") from None
 
 
+def gradient_average_size(ds: dict, world: int) -> int:
+    """How many ranks DeepSpeed (0.19) averages each gradient over, for ``train_step`` to undo.
+
+    Without sequence parallelism: the world. With N-way SP the ranks of an SP group hold parts of the same
+    sequences, so their gradients must be summed and only the data-parallel copies averaged. ZeRO 0-2 do that
+    (they divide by world / N: stage_1_and_2.py, engine.allreduce_bucket). ZeRO-3's default coalesced
+    reduce-scatter (``stage3.__avg_scatter_grads``) averages over the whole world; its other path (contiguous
+    buckets, ``reduce_scatter: false``) divides by world / N, per bucket, so ``check_sequence_parallel`` refuses
+    that setting. Measured by tests/test_parallel.py (grad norms of SP 2 against one rank, ZeRO-2 and ZeRO-3).
+    """
+    n = int(ds.get("sequence_parallel_size", 1))
+    return world if n == 1 or ds["zero_optimization"].get("stage", 0) == 3 else world // n
+
+
+def check_sequence_parallel(ds: dict, label: str = "deepspeed") -> None:
+    zero = ds["zero_optimization"]
+    if int(ds.get("sequence_parallel_size", 1)) > 1 and zero.get("stage", 0) == 3 \
+            and not zero.get("reduce_scatter", True):
+        raise ConfigError(f"{label}: deepspeed.zero.reduce_scatter = false with sequence_parallel_size > 1: "
+                          "DeepSpeed 0.19's ZeRO-3 then scales gradients by bucket inconsistently; keep it true")
+
+
 def build(cfg, accum: int, precision: str) -> dict:
     """The dict for ``deepspeed.initialize``: the JSON's ZeRO settings + batch sizes, clipping, precision."""
     ds = load(cfg.deepspeed)
@@ -91,6 +114,8 @@ def build(cfg, accum: int, precision: str) -> dict:
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     })
+    if cfg.deepspeed.sequence_parallel_size > 1:
+        ds["sequence_parallel_size"] = cfg.deepspeed.sequence_parallel_size
     if "offload_optimizer" not in ds["zero_optimization"]:
         ds["zero_force_ds_cpu_optimizer"] = False
     return ds

@@ -12,7 +12,6 @@ No [tokens x vocab] logits are made unless ``kernel.impl: reference``.
 from __future__ import annotations
 
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Optional
 
@@ -20,19 +19,11 @@ import torch
 from torch import nn
 
 from redi_ds.config import ConfigError, ModelConfig
+from redi_ds.data.collate import per_position
+from redi_ds.eval.errors import EvalError
+from redi_ds.eval.prompting import resolve_chat_template, resolve_tokenizer
 from redi_ds.kernels.options import FusedHeadOptions
 from redi_ds.losses.base import StepTotals
-
-BUNDLED_TOKENIZERS = {"qwen2.5": "assets/tokenizer/qwen2.5"}
-BUNDLED_TEMPLATES = {
-    "qwen2.5-math": "assets/tokenizer/qwen2.5/chat_template_qwen2.5_math.jinja",
-    "qwen2.5-math-force-think": "assets/tokenizer/qwen2.5/chat_template_qwen2.5_math_redi_force_think.jinja",
-}
-
-
-def _bundled(rel: str) -> str:
-    return str(resources.files("redi_ds").joinpath(rel))
-
 
 def resolve_model_path(name_or_path: str, output_dir: str) -> str:
     """``@sft`` -> ``{output_dir}/sft/export`` (REDI starts from the SFT export)."""
@@ -47,18 +38,16 @@ def load_tokenizer(model_cfg: ModelConfig, model_path: str):
     src = model_cfg.tokenizer
     if src is None:
         src = "qwen2.5" if model_path == "tiny" else model_path
-    src = _bundled(BUNDLED_TOKENIZERS[src]) if src in BUNDLED_TOKENIZERS else src
+    src = resolve_tokenizer(src)  # a bundled name (qwen2.5, arith) or a path / hub name
     try:
         tok = AutoTokenizer.from_pretrained(src)
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"model.tokenizer: cannot load {src!r} ({type(e).__name__})") from None
     if model_cfg.chat_template:
-        t = model_cfg.chat_template
-        path = _bundled(BUNDLED_TEMPLATES[t]) if t in BUNDLED_TEMPLATES else t
-        if not os.path.isfile(path):
-            raise ConfigError(f"model.chat_template: {t!r} is neither a bundled template "
-                              f"({', '.join(BUNDLED_TEMPLATES)}) nor a file")
-        tok.chat_template = Path(path).read_text(encoding="utf-8")
+        try:
+            tok.chat_template = resolve_chat_template(model_cfg.chat_template)  # a bundled name or a .jinja
+        except EvalError as e:
+            raise ConfigError(f"model.chat_template: {e}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -77,18 +66,26 @@ def _attn_impl(requested: str) -> str:
     return "sdpa"
 
 
-def build_model(model_cfg: ModelConfig, model_path: str, dtype: torch.dtype, seed: int = 0):
-    """An HF causal LM: the tiny default built from its config, or from_pretrained(path or hub name)."""
+def build_model(model_cfg: ModelConfig, model_path: str, dtype: torch.dtype, seed: int = 0, tokenizer=None):
+    """An HF causal LM: the tiny default built from its config (its special tokens from ``tokenizer``: Qwen's
+    when None), or from_pretrained(path or hub name)."""
     import transformers
 
     attn = _attn_impl(model_cfg.attn_implementation)
     if model_path == "tiny":
         t = model_cfg.tiny
+        bos, eos = 151643, 151645  # Qwen2.5's <|endoftext|>, <|im_end|>
+        if tokenizer is not None:
+            if len(tokenizer) > t.vocab_size:
+                raise ConfigError(f"model.tiny.vocab_size = {t.vocab_size} is smaller than the tokenizer's "
+                                  f"{len(tokenizer)} tokens")
+            eos = tokenizer.eos_token_id
+            bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id
         config = transformers.Qwen2Config(
             hidden_size=t.hidden_size, intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
             num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
             vocab_size=t.vocab_size, max_position_embeddings=t.max_position_embeddings, rope_theta=t.rope_theta,
-            tie_word_embeddings=t.tie_word_embeddings, bos_token_id=151643, eos_token_id=151645,
+            tie_word_embeddings=t.tie_word_embeddings, bos_token_id=bos, eos_token_id=eos,
         )
         _override_rope(config, model_cfg)
         torch.manual_seed(seed)  # every rank builds the same initial weights
@@ -165,17 +162,17 @@ class FusedHead(nn.Module):
         self.bias = lm_head.bias
         self.options = options
 
-    def forward(self, hidden, targets=None, seq_ids=None, num_seqs=None, coeffs=None):
+    def forward(self, hidden, targets=None, seq_ids=None, num_seqs=None, coeffs=None, token_coeffs=None):
         if isinstance(hidden, Unhooked):
             return Unhooked(self._head(*hidden.value))
-        return self._head(hidden, targets, seq_ids, num_seqs, coeffs)
+        return self._head(hidden, targets, seq_ids, num_seqs, coeffs, token_coeffs)
 
-    def _head(self, hidden, targets, seq_ids, num_seqs, coeffs):
+    def _head(self, hidden, targets, seq_ids, num_seqs, coeffs, token_coeffs=None):
         from redi_ds import kernels
 
-        if coeffs is not None:
+        if coeffs is not None or token_coeffs is not None:
             return kernels.fused_linear_loss(hidden, self.weight, targets, coeffs, self.bias, seq_ids, num_seqs,
-                                             options=self.options)
+                                             token_coeffs=token_coeffs, options=self.options)
         sums, counts = kernels.fused_sequence_logprobs(hidden, self.weight, targets, self.bias, seq_ids, num_seqs,
                                                        options=self.options)
         return None, sums, counts
@@ -187,9 +184,10 @@ class PolicyModel(nn.Module):
     ``forward(batch, totals, ref_logps)`` -> (this micro batch's share of the step objective, metrics).
     """
 
-    def __init__(self, hf_model, loss_fn, head_options: FusedHeadOptions):
+    def __init__(self, hf_model, loss_fn, head_options: FusedHeadOptions, sp=None):
         super().__init__()
         self.hf = hf_model
+        self.sp = sp  # redi_ds.parallel.SequenceParallel: in training, each rank sees its shard of every row
         # Tied head (Qwen2.5-1.5B): the embedding's backward gathers the shared weight anyway, and ZeRO-3
         # accumulates the head's gradient into it then, so the one-pass head can hide from the backward
         # hooks and save a [V, H] gather. An untied head cannot: ZeRO-3 accumulates a gradient into the
@@ -199,23 +197,41 @@ class PolicyModel(nn.Module):
         self.loss_fn = loss_fn
         _quiet_deepspeed_about(Unhooked)
 
-    def sequence_logprobs(self, batch: dict, coeffs: Optional[torch.Tensor] = None):
-        """(share or None, sums [S], counts [S]); with ``coeffs`` the one-pass linear form."""
+    def sequence_logprobs(self, batch: dict, coeffs: Optional[torch.Tensor] = None,
+                          token_coeffs: Optional[torch.Tensor] = None):
+        """(share or None, sums [S], counts [S]); with ``coeffs`` (per sequence) or ``token_coeffs`` (per
+        position) the one-pass linear form."""
         out = self.hf.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             position_ids=batch["position_ids"], use_cache=False)
         hidden = out.last_hidden_state  # [R, T, H]
-        args = (hidden, batch["targets"], batch["seq_ids"], batch["num_seqs"], coeffs)
-        if coeffs is not None and self.tied:
+        args = (hidden, batch["targets"], batch["seq_ids"], batch["num_seqs"], coeffs, token_coeffs)
+        if (coeffs is not None or token_coeffs is not None) and self.tied:
             return self.hf.lm_head(Unhooked(args)).value
         return self.hf.lm_head(*args)
 
     def forward(self, batch: dict, totals: StepTotals, ref_logps: Optional[torch.Tensor] = None):
-        counts = batch["counts"]  # [S], from the collated targets: known before the pass
+        """Under sequence parallelism (training only) the shares of an SP group's ranks add up to the micro
+        batch's share: a linear loss's partial sums over each rank's tokens, or 1/N of a non-linear one."""
+        counts = batch["counts"]  # [S], from the collated targets (whole rows): known before the pass
+        sp = self.sp if self.training else None
+        if sp is not None:
+            batch = sp.shard(batch)
         if self.loss_fn.linear:
-            share, sums, _ = self.sequence_logprobs(batch, self.loss_fn.coefficients(counts, totals))
+            coeffs = self.loss_fn.coefficients(self.loss_fn.normaliser(batch), totals)
+            mask = self.loss_fn.token_mask(batch)
+            if mask is None:
+                share, sums, _ = self.sequence_logprobs(batch, coeffs)
+            else:  # a span of each sequence: one coefficient per position
+                share, sums, _ = self.sequence_logprobs(batch, token_coeffs=per_position(batch, coeffs) * mask)
+            if sp is not None:
+                sums = sp.all_reduce_detached(sums)  # the metrics need whole sequences; the gradient does not
         else:
             _, sums, _ = self.sequence_logprobs(batch)
+            if sp is not None:
+                sums = sp.all_reduce_sums(sums)
             share = self.loss_fn(sums, counts, totals, ref_logps)
+            if sp is not None:
+                share = share / sp.size
         return share, self.loss_fn.metrics(sums.detach(), counts, ref_logps)
 
 
@@ -243,7 +259,8 @@ def export_hf(state_dict: dict, hf_model, tokenizer, out_dir: str) -> None:
 
     sd = {k[len("hf."):]: v.detach().cpu() for k, v in state_dict.items() if k.startswith("hf.")}
     dtype = next(iter(sd.values())).dtype  # export in the training precision (bf16 stays bf16)
-    fresh = transformers.AutoModelForCausalLM.from_config(hf_model.config).to(dtype)
+    # a plain attention in the saved model (training may have switched to Ulysses' packed core attention)
+    fresh = transformers.AutoModelForCausalLM.from_config(hf_model.config, attn_implementation="sdpa").to(dtype)
     missing, unexpected = fresh.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and hf_model.config.tie_word_embeddings)]
     if missing or unexpected:
@@ -251,5 +268,6 @@ def export_hf(state_dict: dict, hf_model, tokenizer, out_dir: str) -> None:
     if hf_model.config.tie_word_embeddings:
         fresh.tie_weights()
     fresh.config.use_cache = True
+    fresh.generation_config.use_cache = True  # training turned the KV cache off; generation wants it
     fresh.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

@@ -2,6 +2,7 @@
 
     config.yaml         the resolved config of the latest run (also in every checkpoint)
     metrics.jsonl       one row per optimizer step; a resume drops the rows past its checkpoint
+    heldout.jsonl       held-out pairs' length-normalised log-probs every eval.heldout_every steps (step 0 too)
     mlflow_run_id       the MLflow run a resume continues
     final_metrics.json  the result of the finished stage
     done                {"steps", "checkpoint"}: finished, with that final checkpoint
@@ -22,6 +23,7 @@ class StageDir:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.metrics = self.path / "metrics.jsonl"
+        self.heldout = self.path / "heldout.jsonl"
 
     def begin(self, cfg: Config, start_step: int) -> Optional[str]:
         """A run starts at ``start_step``: save its config, clear the end markers, drop metric rows past the
@@ -40,17 +42,19 @@ class StageDir:
         path = self.path / "mlflow_run_id"
         return path.read_text().strip() if path.exists() else None
 
-    def append_metrics(self, row: dict) -> None:
-        with open(self.metrics, "a") as f:
+    def append_metrics(self, row: dict, path: Optional[Path] = None) -> None:
+        with open(path or self.metrics, "a") as f:
             f.write(json.dumps(row) + "\n")
 
     def truncate_metrics(self, steps: int) -> None:
-        if not self.metrics.exists():
-            return
-        rows = [line for line in self.metrics.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line)["step"] <= steps]
-        if len(kept) != len(rows):
-            self.metrics.write_text("".join(line + "\n" for line in kept))
+        """Drop the rows past ``steps`` of metrics.jsonl and heldout.jsonl (a resume redoes them)."""
+        for path in (self.metrics, self.heldout):
+            if not path.exists():
+                continue
+            rows = [line for line in path.read_text().splitlines() if line.strip()]
+            kept = [line for line in rows if json.loads(line)["step"] <= steps]
+            if len(kept) != len(rows):
+                path.write_text("".join(line + "\n" for line in kept))
 
     def last_metrics(self) -> dict:
         rows = [line for line in self.metrics.read_text().splitlines() if line.strip()] if self.metrics.exists() else []

@@ -38,6 +38,7 @@ from typing import Any, Optional
 
 import torch
 
+from redi_ds import parallel
 from redi_ds.checkpoints import CheckpointStore, log0
 from redi_ds.config import Config, grad_accum_steps, save_config
 from redi_ds.data import DataError
@@ -45,6 +46,7 @@ from redi_ds.data.collate import collate
 from redi_ds.distributed import StageLock, StopRequest, current_device, init_distributed, params_finite
 from redi_ds.errors import TrainingError
 from redi_ds.losses import SequenceLoss, StepTotals, build_loss
+from redi_ds.passes import HeldoutProbe, pair_index, reference_pass, to_device
 from redi_ds.schedule import lr_lambda, make_optimizer, resolve_precision, step_indices
 from redi_ds.stage import StageDir
 
@@ -104,6 +106,7 @@ class Run:
     rank: int
     world: int
     accum: int
+    grad_average: int            # the ranks DeepSpeed averages gradients over (ds_config.gradient_average_size)
     precision: str
     device: torch.device
     kind: str                    # "sft" | "pairs"
@@ -123,6 +126,7 @@ class Run:
     stop: "StopRequest"
     bar: Any
     guard: "DivergenceGuard"
+    probe: Optional["HeldoutProbe"] = None
     last: dict = field(default_factory=dict)
     skipped_steps: int = 0
 
@@ -150,6 +154,8 @@ def train(cfg: Config) -> TrainResult:
             stats = train_step(run, step)
             record(run, stats)
             done = stats.step
+            if run.probe is not None and run.probe.due(done, run.total_steps):
+                run.probe.measure(run, done)
             stop = done < run.total_steps and (run.stop.agreed() or done == cfg.train.stop_after_steps)
             every = cfg.train.save_every
             if stop or (every and done % every == 0 and done < run.total_steps):
@@ -180,6 +186,7 @@ def build(cfg: Config) -> Run:
     precision = resolve_precision(cfg.deepspeed.precision)
     ds = ds_config.build(cfg, accum, precision)
     ds_config.validate_zero(ds, getattr(cfg, "_source", "config"))
+    ds_config.check_sequence_parallel(ds, getattr(cfg, "_source", "config"))
     torch.manual_seed(cfg.run.seed)
     loss_fn = build_loss(cfg.loss)
     kind = "pairs" if loss_fn.paired else "sft"
@@ -197,14 +204,16 @@ def build(cfg: Config) -> Run:
     start_step = 0 if resume_from is None else store.check_resumable(resume_from, world, cfg.train.global_batch_size)
 
     hf_model = build_model(cfg.model, model_path, torch.float32 if precision == "fp16" else DTYPES[precision],
-                           cfg.run.seed)
+                           cfg.run.seed, tokenizer)
     apply_liger(hf_model, cfg.model.liger)
-    policy = PolicyModel(hf_model, loss_fn, cfg.kernel)
+    rows = 1 if cfg.data.padding_free else cfg.train.micro_batch_size * (2 if kind == "pairs" else 1)
+    sp = parallel.setup(hf_model, cfg.deepspeed.sequence_parallel_size, rows, tokenizer.pad_token_id)
+    policy = PolicyModel(hf_model, loss_fn, cfg.kernel, sp=sp)
     optimizer = make_optimizer(policy, cfg, "offload_optimizer" in ds["zero_optimization"])
     warmup = math.ceil(cfg.train.warmup_ratio * total_steps)
     schedule = lr_lambda(cfg.train.schedule, warmup, total_steps, cfg.train.min_lr_ratio)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=policy, optimizer=optimizer, config=ds,
+        model=policy, optimizer=optimizer, config=ds, mpu=sp.mpu if sp else None,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
 
     # reference log-probs (DPO): one pass with the initial weights, before any update (also on resume)
@@ -222,11 +231,16 @@ def build(cfg: Config) -> Run:
 
     bar = tqdm(total=total_steps, initial=start_step, desc=cfg.stage, disable=rank != 0, dynamic_ncols=True)
     engine.train()
-    return Run(cfg=cfg, rank=rank, world=world, accum=accum, precision=precision, device=device, kind=kind,
-               data=data, lengths=lengths, tokenizer=tokenizer, hf_model=hf_model, loss_fn=loss_fn, engine=engine,
-               scheduler=scheduler, ref_logps=ref_logps, start_step=start_step, total_steps=total_steps,
-               store=store, tracker=tracker, lock=lock, stop=StopRequest(), bar=bar,
-               guard=DivergenceGuard(cfg.train.max_nonfinite_steps))
+    run = Run(cfg=cfg, rank=rank, world=world, accum=accum, grad_average=ds_config.gradient_average_size(ds, world),
+              precision=precision, device=device, kind=kind,
+              data=data, lengths=lengths, tokenizer=tokenizer, hf_model=hf_model, loss_fn=loss_fn, engine=engine,
+              scheduler=scheduler, ref_logps=ref_logps, start_step=start_step, total_steps=total_steps,
+              store=store, tracker=tracker, lock=lock, stop=StopRequest(), bar=bar,
+              guard=DivergenceGuard(cfg.train.max_nonfinite_steps),
+              probe=HeldoutProbe(cfg, tokenizer) if cfg.eval.heldout_every else None)
+    if run.probe is not None and start_step == 0:
+        run.probe.measure(run, 0)
+    return run
 
 
 def load_data(cfg: Config, kind: str, tokenizer):
@@ -273,7 +287,8 @@ def start_tracking(cfg: Config, rank: int, world: int, accum: int, examples: int
     prior = stage.begin(cfg, start_step)
     params = cfg.flat() | {"world_size": world, "grad_accum": accum, "examples": examples, "total_steps": total_steps}
     run_id = tracker.start(params, run_id=prior, run_name=cfg.tracking.run_name or f"{cfg.run.name}/{cfg.stage}",
-                           tags=run_tags(cfg, model_path))
+                           tags=run_tags(cfg, model_path) | cfg.tracking.tags,
+                           parent_run_id=cfg.tracking.parent_run_id)
     if run_id:
         stage.set_run_id(run_id)
         tracker.log_artifact(str(cfg.stage_dir / "config.yaml"))
@@ -293,16 +308,22 @@ def train_step(run: Run, step: int) -> StepStats:
     G, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
     idx = step_indices(len(run.data), G, cfg.run.seed, step, cfg.data.shuffle)
     totals = StepTotals(examples=G, tokens=int(run.lengths[idx].sum()))
-    mine = idx[run.rank * micro * run.accum:(run.rank + 1) * micro * run.accum]  # this rank's share of the step
-    grad_scale = float(run.accum * run.world)  # DeepSpeed divides by accum and averages ranks: undo both
+    n = cfg.deepspeed.sequence_parallel_size  # the ranks of an SP group read the same rows
+    dp_rank = run.rank // n
+    mine = idx[dp_rank * micro * run.accum:(dp_rank + 1) * micro * run.accum]  # this rank's share of the step
+    # DeepSpeed divides by accum and averages over grad_average ranks: undo both (the shares sum to the loss)
+    grad_scale = float(run.accum * run.grad_average)
+    counts_tokens = run.rank % n == 0  # one rank of each SP group counts the group's input tokens
     share_sum, tokens, sums = 0.0, 0, {}
     for a in range(run.accum):
         rows = mine[a * micro:(a + 1) * micro]
         batch = collate([run.data[i] for i in rows], run.kind, run.tokenizer.pad_token_id, cfg.data.padding_free)
-        tokens += int(batch["input_ids"].numel() if batch["attention_mask"] is None else batch["attention_mask"].sum())
-        ref = None if run.ref_logps is None else run.ref_logps[_pair_index(rows, run.kind, len(run.data))
+        if counts_tokens:
+            tokens += int(batch["input_ids"].numel() if batch["attention_mask"] is None
+                          else batch["attention_mask"].sum())
+        ref = None if run.ref_logps is None else run.ref_logps[pair_index(rows, run.kind, len(run.data))
                                                                .to(run.device)]
-        share, metrics = engine(_to_device(batch, run.device), totals, ref)
+        share, metrics = engine(to_device(batch, run.device), totals, ref)
         engine.backward(share * grad_scale)
         engine.step()
         share_sum += float(share.detach())
@@ -437,43 +458,11 @@ def finished(cfg: Config) -> Optional[TrainResult]:
 # ----------------------------------------------------------------------------- pieces
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def consolidated_state_dict(engine) -> dict:
     """Full weights on rank 0 (collective under ZeRO-3)."""
     if engine.zero_optimization_partition_weights():
         return engine._zero3_consolidated_16bit_state_dict()
     return engine.module.state_dict()
-
-
-def _pair_index(rows, kind, n):  # sequence order within a batch: chosen rows then rejected rows
-    t = torch.tensor(rows)
-    return torch.cat([t, t + n]) if kind == "pairs" else t
-
-
-def reference_pass(engine, data, kind, pad_id, cfg: Config, rank: int, world: int, device) -> torch.Tensor:
-    """Per-sequence log-prob sums of the initial model for every example ([chosen (n), rejected (n)])."""
-    import torch.distributed as dist
-
-    n = len(data)
-    out = torch.zeros(2 * n if kind == "pairs" else n, dtype=torch.float64, device=device)
-    engine.eval()
-    mine = list(range(rank, n, world))
-    micro = cfg.train.micro_batch_size
-    steps = math.ceil(n / world / micro)  # same count on every rank (ZeRO-3 gathers are collective)
-    with torch.no_grad():
-        for s in range(steps):
-            rows = mine[s * micro:(s + 1) * micro] or [0]
-            batch = _to_device(collate([data[i] for i in rows], kind, pad_id, cfg.data.padding_free), device)
-            _, sums, _ = engine.module.sequence_logprobs(batch)
-            if s * micro < len(mine):
-                out[_pair_index(rows, kind, n).to(device)] = sums.double()
-    dist.all_reduce(out)
-    engine.train()
-    log0(f"reference log-probs computed for {n} examples")
-    return out
 
 
 def evaluate(cfg: Config, export_dir: Path, tracker, rank: int, world: int) -> dict:

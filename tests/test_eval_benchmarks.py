@@ -9,7 +9,7 @@ from redi_ds.eval.benchmarks import get_spec
 
 EXPECTED_ROWS = {
     "math500": 500, "aime24": 30, "amc": 83, "amc23": 40, "minerva": 272, "olympiadbench": 675,
-    "rllm_aime": 30, "rllm_math": 500, "rllm_minerva": 272, "rllm_olympiad_bench": 675,
+    "rllm_aime": 30, "rllm_math": 500, "rllm_minerva": 272, "rllm_olympiad_bench": 675, "synthetic": 32,
 }
 
 

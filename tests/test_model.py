@@ -96,3 +96,56 @@ def test_resume_drops_metric_rows_past_the_checkpoint(tmp_path):
     stage.truncate_metrics(3)
     assert [json.loads(x)["step"] for x in stage.metrics.read_text().splitlines()] == [1, 2, 3]
     assert stage.last_metrics() == {"step": 3, "loss": 1.0 / 3}
+
+
+DIVERGE = [{"prompt_ids": [5, 6], "chosen_ids": [7, 8, 9, 10], "rejected_ids": [7, 8, 11, 12, 13]},
+           {"prompt_ids": [14], "chosen_ids": [15, 16], "rejected_ids": [17, 16, 18]}]
+
+
+def test_collate_marks_the_divergent_span():
+    """Rejected responses share a prefix with the chosen ones: 2 tokens (7, 8) for pair 1, none for pair 2."""
+    b = collate(DIVERGE, "pairs", pad_id=0)
+    assert b["span_counts"].tolist() == [4, 2, 3, 3] and b["counts"].tolist() == [4, 2, 5, 3]
+    # row 2 (rejected of pair 1) = [5, 6, 7, 8, 11, 12, 13]: position t predicts token t + 1
+    assert b["targets"][2].tolist() == [-100, 7, 8, 11, 12, 13, -100]
+    assert b["span_mask"][2].tolist() == [False, False, False, True, True, True, False]
+    p = collate(DIVERGE, "pairs", pad_id=0, padding_free=True)
+    assert p["span_counts"].tolist() == [4, 2, 3, 3]
+    assert p["span_mask"][0][p["targets"][0] != -100].sum() == 12
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_divergent_span_matches_a_float64_hand_computation(padding_free, impl):
+    """REDI with negative_span: divergent, through the fused head's per-token coefficients, equals
+    mean_b [-lp(y+)/|y+| + alpha sum_{t >= d} logp(y-_t) / (|y-| - d)] computed token by token in float64."""
+    from redi_ds.kernels import reference_token_logprobs
+
+    alpha = 0.8
+    hf = build_model(ModelConfig(tiny=TINY), "tiny", torch.float64, seed=3)
+    model = PolicyModel(hf, build_loss(LossConfig(name="redi", alpha=alpha, negative_span="divergent")),
+                        FusedHeadOptions(impl=impl, chunk_size=3))
+    batch = collate(DIVERGE, "pairs", pad_id=0, padding_free=padding_free)
+    totals = StepTotals(examples=2, tokens=int(batch["counts"].sum()))
+    loss, metrics = model(batch, totals)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref = build_model(ModelConfig(tiny=TINY), "tiny", torch.float64, seed=3)
+    expected = 0.0
+    for e in DIVERGE:
+        d = next(i for i, (x, y) in enumerate(zip(e["chosen_ids"], e["rejected_ids"])) if x != y)
+        for ids, start, sign in ((e["chosen_ids"], 0, -1.0), (e["rejected_ids"], d, alpha)):
+            seq = torch.tensor([e["prompt_ids"] + ids])
+            hidden = ref.model(input_ids=seq).last_hidden_state
+            labels = torch.full_like(seq, -100)
+            p = len(e["prompt_ids"])
+            labels[0, p - 1 + start:-1] = seq[0, p + start:]  # position t predicts t + 1, from the span on
+            tok = reference_token_logprobs(hidden, ref.lm_head.weight, labels)
+            expected = expected + sign * tok.sum() / (len(ids) - start) / 2
+    expected.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-10, atol=1e-12)
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(got["hf." + name], p.grad, rtol=1e-8, atol=1e-12)
+    # the metrics still describe the whole traces
+    assert metrics["logp_rejected"] < 0

@@ -63,6 +63,7 @@ def test_a_regular_install_trains(tmp_path):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "run" / "sft" / "checkpoints" / "step_1" / "meta.json").is_file()
+    assert "held-out log-prob per token (step 0 -> 1)" in r.stdout  # the bundled held-out pairs shipped too
 
 
 def test_install_requires_a_transformers_that_packs_with_sdpa():

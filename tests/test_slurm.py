@@ -28,7 +28,8 @@ TRAIN = str(ROOT / "launch" / "train.py")
 STEPS = 6
 FAST = ["--config", "tiny", "--data.synthetic_size", "32", "--train.global_batch_size", "4",
         "--train.micro_batch_size", "2", "--data.max_length", "384",
-        "--deepspeed.zero", "{stage3_param_persistence_threshold: 0}", "--tracking.enabled", "false"]
+        "--deepspeed.zero", "{stage3_param_persistence_threshold: 0}", "--tracking.enabled", "false",
+        "--eval.benchmarks", "[]", "--eval.heldout_every", "0"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -142,6 +143,19 @@ def test_two_nodes_zero3_match_single_machine(slurm_cluster, job_env, host_run, 
         assert f"--rdzv_endpoint={addr['node1']}:" in logs[f"{node}.log"]  # first host of the node list
     # the progress bar only on global rank 0: exactly one node shows it
     assert sum(f"{STEPS}/{STEPS}" in logs[f"{n}.log"] for n in ("node1", "node2")) == 1
+
+
+def test_sequence_parallel_across_two_nodes(slurm_cluster, job_env, host_run, tmp_path):
+    """--deepspeed.sequence_parallel_size 2 over 2 nodes x 1 process: Ulysses' all-to-all crosses the nodes, and
+    the losses are those of the data-parallel run on this machine (the objective does not depend on the split)."""
+    out = tmp_path / "run"
+    job = sbatch_train(slurm_cluster, job_env, out, "--nodes=2",
+                       extra=["--train.max_steps", str(STEPS), "--deepspeed.sequence_parallel_size", "2",
+                              "--train.export", "false"])
+    assert_completed(slurm_cluster, job, out)
+    assert losses(out / "sft") == pytest.approx(host_run, rel=1e-4, abs=1e-6)
+    meta = json.loads((out / "sft" / "checkpoints" / f"step_{STEPS}" / "meta.json").read_text())
+    assert meta["sequence_parallel_size"] == 2 and meta["world_size"] == 2
 
 
 def test_preempted_job_requeues_and_resumes(slurm_cluster, job_env, host_run, tmp_path):

@@ -15,7 +15,7 @@ TRAIN = str(ROOT / "launch" / "train.py")
 # small, fast, really partitioned (persistence threshold 0), no tracking unless a test asks
 FAST = ["--config", "tiny", "--data.synthetic_size", "48", "--train.global_batch_size", "8",
         "--train.micro_batch_size", "2", "--deepspeed.zero", "{stage3_param_persistence_threshold: 0}",
-        "--tracking.enabled", "false"]
+        "--tracking.enabled", "false", "--eval.benchmarks", "[]", "--eval.heldout_every", "0"]
 
 
 def free_port() -> int:

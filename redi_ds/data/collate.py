@@ -9,6 +9,9 @@ A batch holds S sequences (SFT: the B rows; pairs: chosen_1..chosen_B then rejec
     seq_ids      [R, T]   packed mode: the sequence index of each position (None when padded: row = sequence)
     num_seqs     S
     counts       [S]      target tokens per sequence (its response tokens, end-of-turn included)
+    span_mask    [R, T]   targets in the divergent span: every chosen (and SFT) target; a rejected response's
+                          targets from its first token that departs from the chosen one (loss.negative_span)
+    span_counts  [S]      targets in that span per sequence
 
 so the head computes log p(targets[t] | prefix up to t) at every position t, and per-sequence sums are
 over non-ignored targets: exactly the response tokens (end-of-turn included).
@@ -21,13 +24,25 @@ import torch
 from redi_ds.kernels.reference import IGNORE_INDEX
 
 
-def _sequences(examples: list[dict], kind: str) -> list[tuple[list[int], int]]:
-    """(token ids, prompt length) per sequence, in the order the losses expect."""
+def _sequences(examples: list[dict], kind: str) -> list[tuple[list[int], int, int]]:
+    """(token ids, prompt length, span start) per sequence, in the order the losses expect. The span start is
+    the response index where the sequence's divergent span begins: 0, except for a rejected response, where it
+    is the length of the prefix it shares with the chosen one (its first token that departs from it)."""
     if kind == "sft":
-        return [(e["prompt_ids"] + e["response_ids"], len(e["prompt_ids"])) for e in examples]
-    chosen = [(e["prompt_ids"] + e["chosen_ids"], len(e["prompt_ids"])) for e in examples]
-    rejected = [(e["prompt_ids"] + e["rejected_ids"], len(e["prompt_ids"])) for e in examples]
+        return [(e["prompt_ids"] + e["response_ids"], len(e["prompt_ids"]), 0) for e in examples]
+    chosen = [(e["prompt_ids"] + e["chosen_ids"], len(e["prompt_ids"]), 0) for e in examples]
+    rejected = [(e["prompt_ids"] + e["rejected_ids"], len(e["prompt_ids"]),
+                 common_prefix(e["chosen_ids"], e["rejected_ids"])) for e in examples]
     return chosen + rejected
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _shifted_targets(ids: list[int], prompt_len: int) -> list[int]:
@@ -35,36 +50,60 @@ def _shifted_targets(ids: list[int], prompt_len: int) -> list[int]:
     return [ids[t + 1] if t + 1 >= prompt_len else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
 
 
+def _span_flags(ids: list[int], prompt_len: int, start: int) -> list[bool]:
+    # position t's target is response token t + 1 - prompt_len: in the span from index `start` on
+    return [t + 1 - prompt_len >= start for t in range(len(ids) - 1)] + [False]
+
+
 def collate(examples: list[dict], kind: str, pad_id: int, padding_free: bool = False) -> dict:
     seqs = _sequences(examples, kind)
     if padding_free:
-        ids = [t for s, _ in seqs for t in s]
-        pos = [i for s, _ in seqs for i in range(len(s))]
-        tgt = [t for s, p in seqs for t in _shifted_targets(s, p)]
-        sid = [k for k, (s, _) in enumerate(seqs) for _ in s]
-        as_row = lambda x: torch.tensor([x], dtype=torch.long)  # noqa: E731
+        ids = [t for s, _, _ in seqs for t in s]
+        pos = [i for s, _, _ in seqs for i in range(len(s))]
+        tgt = [t for s, p, _ in seqs for t in _shifted_targets(s, p)]
+        span = [f for s, p, d in seqs for f in _span_flags(s, p, d)]
+        sid = [k for k, (s, _, _) in enumerate(seqs) for _ in s]
+        as_row = lambda x, dt=torch.long: torch.tensor([x], dtype=dt)  # noqa: E731
         batch = {"input_ids": as_row(ids), "position_ids": as_row(pos), "attention_mask": None,
                  "targets": as_row(tgt), "seq_ids": as_row(sid), "num_seqs": len(seqs)}
-        return batch | {"counts": token_counts(batch)}
-    width = max(len(s) for s, _ in seqs)
+        return _with_counts(batch, as_row(span, torch.bool))
+    width = max(len(s) for s, _, _ in seqs)
     n = len(seqs)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     targets = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
-    for i, (s, p) in enumerate(seqs):
+    span = torch.zeros((n, width), dtype=torch.bool)
+    for i, (s, p, d) in enumerate(seqs):
         input_ids[i, : len(s)] = torch.tensor(s)
         targets[i, : len(s)] = torch.tensor(_shifted_targets(s, p))
+        span[i, : len(s)] = torch.tensor(_span_flags(s, p, d))
         mask[i, : len(s)] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     batch = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask,
              "targets": targets, "seq_ids": None, "num_seqs": n}
-    return batch | {"counts": token_counts(batch)}
+    return _with_counts(batch, span)
+
+
+def _with_counts(batch: dict, span: torch.Tensor) -> dict:
+    """Add counts [S], and the divergent span: span_mask (targets in it) and span_counts [S]."""
+    span = span & (batch["targets"] != IGNORE_INDEX)
+    return batch | {"counts": token_counts(batch), "span_mask": span, "span_counts": _per_sequence(batch, span)}
 
 
 def token_counts(batch: dict) -> torch.Tensor:
     """Target tokens per sequence [S], known before the forward pass."""
-    valid = batch["targets"] != IGNORE_INDEX
+    return _per_sequence(batch, batch["targets"] != IGNORE_INDEX)
+
+
+def _per_sequence(batch: dict, flags: torch.Tensor) -> torch.Tensor:
     if batch["seq_ids"] is None:
-        return valid.sum(-1)
+        return flags.sum(-1)
     return torch.zeros(batch["num_seqs"], dtype=torch.long).index_add(
-        0, batch["seq_ids"].reshape(-1), valid.reshape(-1).long())
+        0, batch["seq_ids"].reshape(-1), flags.reshape(-1).long())
+
+
+def per_position(batch: dict, values: torch.Tensor) -> torch.Tensor:
+    """A per-sequence tensor [S] spread over the positions of the batch (the targets' shape)."""
+    if batch["seq_ids"] is None:
+        return values[:, None].expand(batch["targets"].shape)
+    return values.index_select(0, batch["seq_ids"].reshape(-1).to(values.device)).view(batch["targets"].shape)

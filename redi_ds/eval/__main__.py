@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 from typing import Optional, Sequence
 
@@ -22,7 +23,6 @@ from redi_ds.eval.prompting import CHAT_TEMPLATES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = EvalOptions()  # the defaults
     p = argparse.ArgumentParser(
         prog="python -m redi_ds.eval",
         description="Evaluate a model on the bundled math benchmarks (pass@1 over k samples, graded with math-verify).",
@@ -32,6 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="HF model folder or hub name")
     p.add_argument("--bench", default="math500", help="comma-separated benchmarks / suites / .jsonl paths")
+    p.add_argument("--out", default=None, help="output folder")
+    add_option_args(p)
+    p.add_argument("--mlflow-run-id", default=None, help="log to this (training) run")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--mlflow-experiment", default="redi-ds-eval", help="experiment of a new run (no --mlflow-run-id)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the summary JSON after the table")
+    return p
+
+
+def add_option_args(p: argparse.ArgumentParser, **defaults) -> None:
+    """The command-line options of :class:`EvalOptions` (``defaults`` override its defaults); shared by this CLI
+    and ``python -m redi_ds.data.negatives``."""
+    d = dataclasses.replace(EvalOptions(), **defaults)
     p.add_argument("--samples", type=int, default=d.samples, help="samples per problem (k); the paper uses 16")
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--top-p", type=float, default=d.top_p)
@@ -39,11 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=d.limit, help="first N problems of each benchmark (0: all)")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="hf: sequences per generate call (16); vllm: prompts per submission (512)")
-    p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--backend", default=d.backend, help=f"auto ({' > '.join(AUTO_ORDER)}) or one of {sorted(BACKENDS)}")
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--tokenizer", default=d.tokenizer, help="tokenizer path / hub name, or 'qwen2.5' (bundled)")
+    p.add_argument("--tokenizer", default=d.tokenizer, help="tokenizer path / hub name, or a bundled one (qwen2.5)")
     p.add_argument("--chat-template", default=d.chat_template,
                    help=f"a .jinja path or one of {sorted(CHAT_TEMPLATES)} (default: the tokenizer's)")
     g = p.add_mutually_exclusive_group()
@@ -57,12 +70,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grade-workers", type=int, default=d.grade_workers,
                    help="grader processes (default: CPUs, at most 8)")
     p.add_argument("--grade-timeout", type=float, default=d.grade_timeout, help="seconds per grade (default 10)")
-    p.add_argument("--mlflow-run-id", default=None, help="log to this (training) run")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
-    p.add_argument("--mlflow-experiment", default="redi-ds-eval", help="experiment of a new run (no --mlflow-run-id)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true", help="print the summary JSON after the table")
-    return p
+
+
+def command_line(model: str, bench: str, options: EvalOptions) -> str:
+    """The ``python -m redi_ds.eval`` command that evaluates with exactly ``options`` (every setting spelled
+    out, so that it re-scores a model to the same number whatever the defaults become)."""
+    o = options
+    argv = ["python", "-m", "redi_ds.eval", "--model", model, "--bench", bench, "--samples", str(o.samples),
+            "--temperature", repr(o.temperature), "--top-p", repr(o.top_p), "--max-new-tokens", str(o.max_new_tokens),
+            "--limit", str(o.limit), "--backend", o.backend, "--dtype", o.dtype, "--seed", str(o.seed),
+            "--user-template", o.user_template]
+    argv += ["--no-system-prompt"] if o.system_prompt is None else ["--system-prompt", o.system_prompt]
+    for flag, value in (("--batch-size", o.batch_size), ("--tokenizer", o.tokenizer),
+                        ("--chat-template", o.chat_template), ("--grade-workers", o.grade_workers),
+                        ("--grade-timeout", o.grade_timeout)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if o.force_think:
+        argv.append("--force-think")
+    for key, value in (o.backend_options or {}).items():
+        if value is not None:
+            argv += ["--" + key.replace("_", "-"), str(value)]
+    return " ".join(shlex.quote(a) if a != "{export}" else a for a in argv)
 
 
 def options_from_args(args: argparse.Namespace) -> EvalOptions:

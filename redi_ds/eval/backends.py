@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional
 
 from redi_ds.eval.errors import EvalError
-from redi_ds.eval.prompting import BUNDLED_TOKENIZERS, _asset, _first_line, load_tokenizer
+from redi_ds.eval.prompting import _first_line, load_tokenizer, resolve_tokenizer
 
 
 @dataclass
@@ -189,6 +189,7 @@ class HFGenerator(Generator):
                 max_new_tokens=budget,
                 eos_token_id=self.stop_ids,
                 pad_token_id=pad,
+                use_cache=True,  # whatever the saved generation config says (training turns the cache off)
             )
             with torch.no_grad():
                 out = self.model.generate(
@@ -229,9 +230,7 @@ class HFGenerator(Generator):
 def _tokenizer_path(tokenizer: Optional[str]) -> Optional[str]:
     if tokenizer is None:
         return None
-    if tokenizer in BUNDLED_TOKENIZERS:
-        return _asset(BUNDLED_TOKENIZERS[tokenizer])
-    return os.path.expanduser(str(tokenizer))
+    return os.path.expanduser(str(resolve_tokenizer(tokenizer)))
 
 
 @register_backend

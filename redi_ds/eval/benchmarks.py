@@ -59,6 +59,8 @@ for _spec in (
     BenchmarkSpec("math500", "math500.jsonl", "MATH-500 (PRM800K test subset), with subject and level", 500,
                   subject_field="subject", level_field="level"),
     BenchmarkSpec("aime24", "aime24.jsonl", "AIME 2024 (Qwen2.5-Math eval copy)", 30),
+    BenchmarkSpec("synthetic", "synthetic_heldout.jsonl", "32 held-out problems of the embedded default's "
+                  "procedural teacher (redi_ds/data/synthetic.py)", 32),
     BenchmarkSpec("amc", "redi_rllm/amc.jsonl", "AMC 12 2022+2023, 83 problems: the REDI paper's AMC column", 83),
     BenchmarkSpec("amc23", "amc23.jsonl", "AMC 12 2023, 40 problems (Qwen2.5-Math eval 'amc23')", 40),
     BenchmarkSpec("minerva", "minerva_math.jsonl", "Minerva-Math (MIT OCW), Qwen2.5-Math eval copy", 272),

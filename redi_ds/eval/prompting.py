@@ -27,7 +27,14 @@ CHAT_TEMPLATES = {
     "qwen2.5-math": "chat_template_qwen2.5_math.jinja",
     "qwen2.5-math-force-think": "chat_template_qwen2.5_math_redi_force_think.jinja",
 }
-BUNDLED_TOKENIZERS = {"qwen2.5": "qwen2.5"}
+BUNDLED_TOKENIZERS = {"qwen2.5": "qwen2.5", "arith": "arith"}  # name -> assets/tokenizer/<folder>
+
+
+def resolve_tokenizer(source):
+    """A bundled tokenizer's folder for its name (``qwen2.5``, ``arith``); anything else as given."""
+    if isinstance(source, str) and source in BUNDLED_TOKENIZERS:
+        return _asset(BUNDLED_TOKENIZERS[source])
+    return source
 
 _warned_no_template = False
 
@@ -59,9 +66,7 @@ def load_tokenizer(model: Any, tokenizer: Optional[str] = None, chat_template: O
     one), left-padded, with ``chat_template`` applied. Errors become :class:`EvalError`."""
     from transformers import AutoTokenizer
 
-    source = tokenizer if tokenizer is not None else model
-    if isinstance(source, str) and source in BUNDLED_TOKENIZERS:
-        source = _asset(BUNDLED_TOKENIZERS[source])
+    source = resolve_tokenizer(tokenizer if tokenizer is not None else model)
     if not isinstance(source, (str, os.PathLike)):
         raise EvalError("pass tokenizer= (a path or hub name) when the model is an in-memory object")
     try:

@@ -53,8 +53,17 @@ class SequenceLoss(nn.Module):
         return cls()
 
     def coefficients(self, counts: Tensor, totals: StepTotals) -> Tensor:
-        """Per-sequence c_s [S] (fp32) with share == sum_s c_s * logps_s (linear losses only)."""
+        """Per-sequence c_s [S] (float64: the kernel rounds them to its compute dtype) with share ==
+        sum_s c_s * logps_s (linear losses only)."""
         raise NotImplementedError(f"{self.name} is not linear in the sequence log-probs")
+
+    def normaliser(self, batch: dict) -> Tensor:
+        """The token counts [S] the objective divides by (all response tokens, unless a span is selected)."""
+        return batch["counts"]
+
+    def token_mask(self, batch: dict) -> Optional[Tensor]:
+        """Targets the objective covers ([R, T] bool), or None for every response token (linear losses)."""
+        return None
 
     def forward(self, logps: Tensor, counts: Tensor, totals: StepTotals,
                 ref_logps: Optional[Tensor] = None) -> Tensor:

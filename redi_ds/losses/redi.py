@@ -5,6 +5,14 @@
 Linear in the sequence log-probs: c = -1/(P |y+|) on a chosen row, +alpha/(P |y-|) on a rejected row,
 with P the pairs of the whole step. |y| counts the response tokens through the end-of-turn token
 (``<|im_end|>`` for Qwen), see ``redi_ds.data.tokenize``.
+
+``negative_span: divergent`` (not the paper's loss; default ``all``): the rejected term covers only the rejected
+tokens from the first one that departs from the chosen trace, and divides by that span's length:
+
+    alpha * sum_{t >= d_b} logp(y-_b,t) / (|y-_b| - d_b)        d_b = the prefix y-_b shares with y+_b
+
+so a same-prefix negative does not push down the correct tokens it shares with the positive. It goes through
+the fused head as per-token coefficients (``span_mask`` and ``span_counts`` of the collated batch).
 """
 
 from __future__ import annotations
@@ -20,18 +28,27 @@ class REDILoss(SequenceLoss):
     name = "redi"
     linear = True
 
-    def __init__(self, alpha: float = 0.8):
+    def __init__(self, alpha: float = 0.8, negative_span: str = "all"):
         super().__init__()
+        if negative_span not in ("all", "divergent"):
+            raise ValueError(f"negative_span = {negative_span!r}; expected all or divergent")
         self.alpha = float(alpha)
+        self.divergent = negative_span == "divergent"
 
     @classmethod
     def from_config(cls, loss_cfg):
-        return cls(alpha=loss_cfg.alpha)
+        return cls(alpha=loss_cfg.alpha, negative_span=loss_cfg.negative_span)
+
+    def normaliser(self, batch):
+        return batch["span_counts"] if self.divergent else batch["counts"]
+
+    def token_mask(self, batch):
+        return batch["span_mask"] if self.divergent else None
 
     def coefficients(self, counts: Tensor, totals: StepTotals) -> Tensor:
         b = counts.shape[0] // 2
-        sign = torch.tensor([-1.0] * b + [self.alpha] * b, dtype=torch.float32, device=counts.device)
-        return sign / (totals.examples * counts.clamp(min=1).to(torch.float32))
+        sign = torch.tensor([-1.0] * b + [self.alpha] * b, dtype=torch.float64, device=counts.device)
+        return sign / (totals.examples * counts.clamp(min=1).to(torch.float64))
 
     def metrics(self, logps, counts, ref_logps=None):
         return self.pair_metrics(logps, counts)

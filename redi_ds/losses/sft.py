@@ -22,4 +22,4 @@ class SFTLoss(SequenceLoss):
     linear = True
 
     def coefficients(self, counts: Tensor, totals: StepTotals) -> Tensor:
-        return torch.full(counts.shape, -1.0 / totals.tokens, dtype=torch.float32, device=counts.device)
+        return torch.full(counts.shape, -1.0 / totals.tokens, dtype=torch.float64, device=counts.device)

@@ -1,0 +1,1 @@
+"""The ablation harness: does REDI do what the paper says? See ``python -m redi_ds.ablation --help``."""
