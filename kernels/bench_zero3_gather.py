@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     cfg = load_config("tiny", stage=stage, overrides=[
         "--model.name_or_path", "tiny", "--model.sft_if_missing", "false", "--data.synthetic_size", "32",
         "--train.max_steps", str(args.steps), "--train.export", "false", "--tracking.enabled", "false",
+        "--eval.heldout_every", "0", "--eval.benchmarks", "[]",
         "--deepspeed.zero", "{stage3_param_persistence_threshold: 0}", "--run.output_dir", out,
         "--run.resume", "never", *rest])
     train(cfg)

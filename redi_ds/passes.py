@@ -66,11 +66,11 @@ BUNDLED_PAIRS = {"synthetic": "synthetic_heldout_pairs.jsonl"}  # the embedded d
 
 
 def heldout_pairs_path(value: str) -> str:
-    """``eval.heldout_pairs``: a bundled name (redi_ds/assets/eval) or a path / source for redi_ds.data."""
+    """``eval.heldout_pairs``: a bundled name (redi_ds/assets/data) or a path / source for redi_ds.data."""
     if value in BUNDLED_PAIRS:
         from importlib import resources
 
-        return str(resources.files("redi_ds").joinpath("assets", "eval", BUNDLED_PAIRS[value]))
+        return str(resources.files("redi_ds").joinpath("assets", "data", BUNDLED_PAIRS[value]))
     return value
 
 

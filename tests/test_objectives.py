@@ -45,7 +45,7 @@ def _args(loss: str, data, out, micro: int) -> list[str]:
     return ["--config", "tiny", "--stage", loss, "--data.path", str(data), "--model.name_or_path", "tiny",
             "--model.sft_if_missing", "false", "--train.global_batch_size", "4", "--train.micro_batch_size",
             str(micro), "--train.max_steps", "3", "--train.lr", "2e-3", "--train.warmup_ratio", "0",
-            "--train.export", "false", "--tracking.enabled", "false",
+            "--train.export", "false", "--tracking.enabled", "false", "--eval.heldout_every", "0",
             "--deepspeed.zero", "{stage3_param_persistence_threshold: 0}", "--run.output_dir", str(out)]
 
 

@@ -23,12 +23,15 @@ What is trained on, and what |y| counts (both losses normalise by these tokens):
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Optional
 
 from redi_ds.data.errors import DataError
 
 _PROBE = "\u2063RESPONSE\u2063"
+ENCODE_VERSION = 1  # part of the cache fingerprint: bump when encode_dataset's output changes
 _CHARS_PER_TOKEN = 8  # a prefix of 8 characters per allowed token decides most over-long rows
 
 
@@ -41,6 +44,17 @@ class ChatEncoder:
         full = self._render([{"role": "user", "content": "x"}, {"role": "assistant", "content": _PROBE}], False)
         tail = full[full.index(_PROBE) + len(_PROBE):]
         self.end_of_turn = tail.rstrip("\n ")  # e.g. "<|im_end|>"; the trailing newline is not trained
+        self._fingerprint: Optional[str] = None
+
+    def fingerprint(self) -> str:
+        """What the encoding depends on: the tokenizer's full spec, the chat template, the system prompt."""
+        if self._fingerprint is None:
+            backend = getattr(self.tok, "backend_tokenizer", None)
+            spec = backend.to_str() if backend is not None else json.dumps(sorted(self.tok.get_vocab().items()))
+            extra = json.dumps([self.tok.chat_template, self.system_prompt, self.end_of_turn,
+                                sorted(map(str, self.tok.all_special_tokens))])
+            self._fingerprint = hashlib.sha256((spec + extra).encode()).hexdigest()
+        return self._fingerprint
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
         if self.system_prompt is not None:
@@ -116,8 +130,13 @@ def encode_dataset(ds, kind: str, encoder: ChatEncoder, max_prompt_length: int, 
             out["num_targets"].append(0 if reason else sum(len(r) for r in rs))  # targets: response tokens
         return out
 
+    # an explicit fingerprint: datasets would otherwise hash ``encode`` by pickling its closure, tokenizer
+    # included (10 s for Qwen's 151k vocabulary, on every run: measured)
+    key = json.dumps([ENCODE_VERSION, getattr(ds, "_fingerprint", ""), kind, max_prompt_length, max_length,
+                      encoder.fingerprint()])
     enc = ds.map(encode, batched=True, remove_columns=ds.column_names, num_proc=num_proc,
-                 desc="tokenize" if num_proc else None)
+                 desc="tokenize" if num_proc else None,
+                 new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32])
     report = SkipReport(total=len(enc))
     for reason in enc["skip"]:
         if reason:
