@@ -44,7 +44,7 @@ def main(argv=None) -> int:
 
             if not os.path.isdir(resolve_model_path("@sft", cfg.run.output_dir)):
                 plan.insert(0, load_config(args.config, stage="sft", overrides=rest))
-        from redi_ds.passes import heldout_summary
+        from redi_ds.stage import StageDir
         from redi_ds.trainer import log0, train
 
         results = []
@@ -65,9 +65,9 @@ def main(argv=None) -> int:
         log0(f"stage {r.stage} done: {r.steps} steps, final loss {r.final.get('loss', float('nan')):.4f}")
         if r.export:
             log0(f"  exported model: {os.path.abspath(r.export)}")
-        probe = heldout_summary(r.stage_dir)
+        probe = StageDir(r.stage_dir).heldout_rows()
         if probe:  # what training did to the held-out traces, even where greedy accuracy cannot move yet
-            a, b = probe
+            a, b = probe[0], probe[-1]
             log0(f"  held-out log-prob per token (step {a['step']} -> {b['step']}): chosen {a['logp_chosen']:.3f} -> "
                  f"{b['logp_chosen']:.3f}, rejected {a['logp_rejected']:.3f} -> {b['logp_rejected']:.3f}")
         for bench, b in (r.eval or {}).get("benchmarks", {}).items():

@@ -74,16 +74,6 @@ def heldout_pairs_path(value: str) -> str:
     return value
 
 
-def heldout_summary(stage_dir: str):
-    """(first, last) rows of a stage's heldout.jsonl, or None."""
-    import json
-    from pathlib import Path
-
-    path = Path(stage_dir) / "heldout.jsonl"
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-    return (rows[0], rows[-1]) if rows else None
-
-
 class HeldoutProbe:
     """The paper's stability plot: the mean length-normalised log-prob of held-out chosen and rejected
     responses (``eval.heldout_pairs``), every ``eval.heldout_every`` steps and before the first; rank 0 writes

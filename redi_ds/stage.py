@@ -56,6 +56,12 @@ class StageDir:
             if len(kept) != len(rows):
                 path.write_text("".join(line + "\n" for line in kept))
 
+    def heldout_rows(self) -> list[dict]:
+        """heldout.jsonl's rows (step, logp_chosen, logp_rejected, ...), oldest first; [] without a probe."""
+        if not self.heldout.exists():
+            return []
+        return [json.loads(line) for line in self.heldout.read_text().splitlines() if line.strip()]
+
     def last_metrics(self) -> dict:
         rows = [line for line in self.metrics.read_text().splitlines() if line.strip()] if self.metrics.exists() else []
         return json.loads(rows[-1]) if rows else {}

@@ -24,13 +24,11 @@ def _matrix(records, split: str, ids: list[str]) -> list[list[float]]:
 
 def curves(records) -> dict:
     """Mean over seeds of the held-out chosen / rejected log-prob per token, by probe step."""
+    from redi_ds.stage import StageDir
+
     by_step: dict[int, list[tuple[float, float]]] = {}
     for r in records:
-        path = Path(r.stage_dir) / "heldout.jsonl"
-        if not path.exists():
-            continue
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
+        for row in StageDir(r.stage_dir).heldout_rows():
             by_step.setdefault(row["step"], []).append((row["logp_chosen"], row["logp_rejected"]))
     steps = sorted(s for s, v in by_step.items() if len(v) == len(records))
     return {"chosen": [(s, stats._mean(c for c, _ in by_step[s])) for s in steps],
