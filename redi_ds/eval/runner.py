@@ -127,6 +127,73 @@ def _gather_shards(out_dir: Path, world: int, timeout: float, signature: str) ->
     return rows
 
 
+def _load_problems(names: list[str], limit: int) -> dict[str, list[dict]]:
+    """{benchmark name: its rows (the first ``limit``; all when 0)}."""
+    problems = {}
+    for n in names:
+        rows = load_benchmark(n)
+        problems[get_spec(n).name] = rows[:limit] if limit else rows
+    if len(problems) != len(names):
+        raise EvalError("two benchmarks have the same name; rename one of the files")
+    return problems
+
+
+def _graded_records(mine: list, completions: list, opts: EvalOptions) -> list[dict]:
+    """One samples.jsonl row per (problem, sample) of this rank, graded."""
+    flat = [(b, row, j, c) for (b, row), comps in zip(mine, completions) for j, c in enumerate(comps)]
+    verdicts = grade_many([c.text for *_, c in flat], [row["answer"] for _, row, _, _ in flat],
+                          workers=opts.grade_workers, timeout=opts.grade_timeout)
+    return [
+        {
+            "benchmark": b,
+            "problem_id": row["id"],
+            "sample_index": j,
+            "response": c.text,
+            "extracted_answer": extract_answer(c.text),
+            "gold": row["answer"],
+            "correct": bool(ok),
+            "num_tokens": int(c.num_tokens),
+            "finish_reason": c.finish_reason,
+        }
+        for (b, row, j, c), ok in zip(flat, verdicts)
+    ]
+
+
+def _summary(model: Any, backend_name: str, opts: EvalOptions, problems: dict, records: list[dict], *,
+             world: int, gen_seconds: float, mine: int, grading: dict) -> dict[str, Any]:
+    """summary.json's content (without the plot, timings and MLflow entries run_eval adds)."""
+    summary: dict[str, Any] = {
+        "model": str(getattr(model, "name_or_path", model)),
+        "backend": backend_name,
+        "benchmarks": {},
+        "average": {},
+        "samples": int(opts.samples),
+        "temperature": opts.temperature,
+        "top_p": opts.top_p,
+        "max_new_tokens": int(opts.max_new_tokens),
+        "limit": int(opts.limit),
+        "seed": opts.seed,
+        "system_prompt": opts.system_prompt,
+        "user_template": opts.user_template,
+        "chat_template": opts.chat_template,
+        "force_think": opts.force_think,
+        "world_size": world,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "generation_seconds": round(gen_seconds, 3),
+        "problems_per_second_rank0": round(mine / gen_seconds, 4) if gen_seconds > 0 else None,
+        "grading": grading,
+        "files": {"samples": "samples.jsonl", "summary": "summary.json"},
+    }
+    for b, rows in problems.items():
+        summary["benchmarks"][b] = {
+            "description": BENCHMARKS[b].description if b in BENCHMARKS else b,
+            **summarize_benchmark(rows, [s for s in records if s["benchmark"] == b]),
+        }
+    scores = [v["pass@1"] for v in summary["benchmarks"].values()]
+    summary["average"] = {"pass@1": sum(scores) / len(scores), "num_benchmarks": len(scores)}
+    return summary
+
+
 def run_eval(
     model: Any,
     benchmarks: Union[str, Sequence[str]],
@@ -162,12 +229,7 @@ def run_eval(
     system_prompt, user_template, force_think = opts.system_prompt, opts.user_template, opts.force_think
     chat_template, tokenizer, backend, dtype = opts.chat_template, opts.tokenizer, opts.backend, opts.dtype
     names = resolve_benchmarks(benchmarks)
-    problems = {}
-    for n in names:
-        rows = load_benchmark(n)
-        problems[get_spec(n).name] = rows[:limit] if limit else rows
-    if len(problems) != len(names):
-        raise EvalError("two benchmarks have the same name; rename one of the files")
+    problems = _load_problems(names, limit)
     from redi_ds.eval.backends import build_generator, check_model_path
 
     check_model_path(model)
@@ -210,24 +272,8 @@ def run_eval(
     gen_seconds = time.time() - t_gen
 
     # -- grade
-    flat = [(b, row, j, c) for (b, row), comps in zip(mine, completions) for j, c in enumerate(comps)]
     stats_before = dict(STATS)
-    verdicts = grade_many([c.text for *_, c in flat], [row["answer"] for _, row, _, _ in flat],
-                          workers=opts.grade_workers, timeout=opts.grade_timeout)
-    records = [
-        {
-            "benchmark": b,
-            "problem_id": row["id"],
-            "sample_index": j,
-            "response": c.text,
-            "extracted_answer": extract_answer(c.text),
-            "gold": row["answer"],
-            "correct": bool(ok),
-            "num_tokens": int(c.num_tokens),
-            "finish_reason": c.finish_reason,
-        }
-        for (b, row, j, c), ok in zip(flat, verdicts)
-    ]
+    records = _graded_records(mine, completions, opts)
     if world > 1:
         shard_dir = out / "shards"
         shard_dir.mkdir(exist_ok=True)
@@ -241,35 +287,8 @@ def run_eval(
     _write_jsonl(out / "samples.jsonl", records)
 
     # -- summarise
-    summary: dict[str, Any] = {
-        "model": str(getattr(model, "name_or_path", model)),
-        "backend": backend_name,
-        "benchmarks": {},
-        "average": {},
-        "samples": samples,
-        "temperature": temperature,
-        "top_p": top_p,
-        "max_new_tokens": max_new_tokens,
-        "limit": limit,
-        "seed": seed,
-        "system_prompt": system_prompt,
-        "user_template": user_template,
-        "chat_template": chat_template,
-        "force_think": force_think,
-        "world_size": world,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "generation_seconds": round(gen_seconds, 3),
-        "problems_per_second_rank0": round(len(mine) / gen_seconds, 4) if gen_seconds > 0 else None,
-        "grading": {k: STATS[k] - stats_before[k] for k in STATS},  # rank 0's grading
-        "files": {"samples": "samples.jsonl", "summary": "summary.json"},
-    }
-    for b, rows in problems.items():
-        summary["benchmarks"][b] = {
-            "description": BENCHMARKS[b].description if b in BENCHMARKS else b,
-            **summarize_benchmark(rows, [s for s in records if s["benchmark"] == b]),
-        }
-    scores = [v["pass@1"] for v in summary["benchmarks"].values()]
-    summary["average"] = {"pass@1": sum(scores) / len(scores), "num_benchmarks": len(scores)}
+    summary = _summary(model, backend_name, opts, problems, records, world=world, gen_seconds=gen_seconds,
+                       mine=len(mine), grading={k: STATS[k] - stats_before[k] for k in STATS})  # rank 0's grading
     if _plot_levels(summary, out / PLOT_NAME):
         summary["files"]["plot"] = PLOT_NAME
     summary["elapsed_seconds"] = round(time.time() - t_start, 3)
