@@ -1,21 +1,13 @@
 """redi-ds: REDI (Reinforcement Distillation) for small reasoning models on DeepSpeed.
 
-The top-level ``kernels/`` folder ships as ``redi_ds.kernels`` (never as a top-level
-module ``kernels``: a PyPI package of that name exists and transformers probes for it), and
-``ds_configs/`` (the DeepSpeed JSON files) as ``redi_ds.ds_configs``, so a non-editable install trains.
+Everything that ships lives under ``redi_ds/``: packages are discovered, and every non-Python file under it
+(configs, DeepSpeed JSON, tokenizers, eval sets) is package data, so a regular, non-editable install runs every
+command. Nothing else is a top-level module: the checkout's ``kernels/`` (microbenchmarks), ``launch/`` and
+``tests/`` are folders of scripts without ``__init__.py``, so none of them can shadow a PyPI package of the
+same name (transformers imports PyPI's ``kernels``).
 """
 
-from setuptools import setup
-
-PACKAGES = [
-    "redi_ds",
-    "redi_ds.configs",
-    "redi_ds.data",
-    "redi_ds.losses",
-    "redi_ds.eval",
-    "redi_ds.kernels",
-    "redi_ds.ds_configs",
-]
+from setuptools import find_packages, setup
 
 setup(
     name="redi-ds",
@@ -24,17 +16,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=PACKAGES,
-    package_dir={"redi_ds.kernels": "kernels", "redi_ds.ds_configs": "ds_configs"},
-    package_data={
-        "redi_ds": ["assets/tokenizer/*/*", "assets/data/*", "assets/eval/*", "assets/eval/*/*"],
-        "redi_ds.configs": ["*.yaml"],
-        "redi_ds.kernels": ["*.md"],
-        "redi_ds.ds_configs": ["*.json"],
-    },
+    packages=find_packages(include=["redi_ds", "redi_ds.*"]),
+    package_data={"redi_ds": ["assets/**/*", "configs/*.yaml", "ds_configs/*.json"]},
     include_package_data=False,
     # torch is deliberately unpinned here: GPU users keep their CUDA build; CPU installs
-    # use constraints-cpu.txt, which pins the CPU wheel.
+    # use constraints-cpu.txt, which pins the CPU wheel and the versions tested together.
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",
@@ -47,11 +33,12 @@ setup(
         "tqdm",
         "math-verify>=0.7",
         "matplotlib",
+        "packaging",
     ],
     extras_require={
         "test": ["pytest>=8", "ruff", "triton>=3.0", "liger-kernel>=0.5"],
         "gpu": ["flash-attn>=2.6", "liger-kernel>=0.5", "triton>=3.0"],
-        "bench": ["liger-kernel>=0.5"],
+        "bench": ["liger-kernel>=0.5", "cut-cross-entropy"],
     },
-    entry_points={"console_scripts": ["redi-ds-eval=redi_ds.eval.__main__:main"]},
+    entry_points={"console_scripts": ["redi-ds=redi_ds.__main__:main"]},
 )

@@ -1,7 +1,7 @@
 """Benchmark of the fused LM head (forward + backward, peak extra memory). Not a test.
 
-    python -m redi_ds.kernels.bench_fused_head --device cpu   # CPU row: 2048 tokens, H=1536, V=151,936
-    python -m redi_ds.kernels.bench_fused_head --device cuda  # GPU row: 16,384 tokens, H=1536, V=151,936
+    python kernels/bench_fused_head.py --device cpu   # CPU row: 2048 tokens, H=1536, V=151,936
+    python kernels/bench_fused_head.py --device cuda  # GPU row: 16,384 tokens, H=1536, V=151,936
 
 Every method computes the same REDI-shaped objective over [2B, T] rows with a 25% ignored prompt prefix,
 loss = sum_t c_{s_t} logp_t (c = REDI coefficients), except liger's chunked SimPO loss, which computes
@@ -217,7 +217,7 @@ def main(argv=None):
         print(json.dumps({"floor_s": gemm_floor(args)}))
         return
 
-    base_cmd = [sys.executable, "-m", "redi_ds.kernels.bench_fused_head", "--device", args.device,
+    base_cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device,
                 "--tokens", str(args.tokens), "--rows", str(args.rows), "--hidden", str(args.hidden),
                 "--vocab", str(args.vocab), "--prompt-frac", str(args.prompt_frac), "--reps", str(args.reps),
                 "--warmup", str(args.warmup), "--threads", str(args.threads), "--grad-output", str(args.grad_output)]

@@ -1,7 +1,7 @@
 """Per-rank peak memory of one training step on a long packed pair, without and with sequence parallelism.
 
-    python -m redi_ds.kernels.bench_sequence_parallel --tokens 16384                 # SP = 1, one process
-    torchrun --nproc_per_node 2 -m redi_ds.kernels.bench_sequence_parallel --tokens 16384   # SP = 2
+    python kernels/bench_sequence_parallel.py --tokens 16384                 # SP = 1, one process
+    torchrun --nproc_per_node 2 kernels/bench_sequence_parallel.py --tokens 16384   # SP = 2
 
 A (chosen, rejected) pair of ``--tokens`` tokens packed in one row (a 1/8 prompt each), a wider tiny Qwen2
 (``--hidden``, ``--layers``, Qwen's vocabulary, tied head) in fp32, REDI through the fused head
@@ -22,6 +22,8 @@ import sys
 import time
 
 import torch
+
+from redi_ds.ranks import is_rank0, rank
 
 
 def _status(field: str) -> int:
@@ -87,12 +89,12 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - t0
     peak = _status("VmHWM:") - before
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    rows = [{"rank": int(os.environ.get("RANK", "0")), "peak_extra_mib": peak / 2**20, "seconds": seconds}]
+    rows = [{"rank": rank(), "peak_extra_mib": peak / 2**20, "seconds": seconds}]
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, rows[0])
         rows = gathered
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_rank0():
         print(f"SP = {world}: {args.tokens}-token packed pair, hidden {args.hidden}, {args.layers} layers, "
               f"{args.heads} heads, V = 151936 (weights + grads {2 * params / 2**20:.0f} MiB), fp32, CPU")
         print("| SP | rank | tokens on the rank | peak extra MiB | fwd+bwd s |")

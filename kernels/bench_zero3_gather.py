@@ -1,7 +1,7 @@
 """Bytes ZeRO-3 all-gathers per optimizer step, forward and backward, and how many of them are the LM head.
 
-    torchrun --nproc_per_node 2 -m redi_ds.kernels.bench_zero3_gather [--steps 3] [--loss redi] [-- overrides]
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m redi_ds.kernels.bench_zero3_gather --json out.json
+    torchrun --nproc_per_node 2 kernels/bench_zero3_gather.py [--steps 3] [--loss redi] [-- overrides]
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 kernels/bench_zero3_gather.py --json out.json
 
 Trains the embedded default (tiny Qwen2, V = 151,936, tied embeddings) with the trainer's own ``train`` for a
 few steps with ``stage3_param_persistence_threshold: 0`` (every parameter really partitioned) and counts,
@@ -22,6 +22,8 @@ import json
 import os
 import sys
 from collections import defaultdict
+
+from redi_ds.ranks import is_rank0
 
 
 def install_probe(counts: dict) -> None:
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
         "--deepspeed.zero", "{stage3_param_persistence_threshold: 0}", "--run.output_dir", out,
         "--run.resume", "never", *rest])
     train(cfg)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_rank0():
         return 0
     mib = {f"{ph}/{w}": counts[(ph, w)] / args.steps / 2**20 for ph in ("forward", "backward") for w in ("head", "rest")}
     head = cfg.model.tiny.vocab_size * cfg.model.tiny.hidden_size * torch.empty((), dtype=torch.float32).element_size()

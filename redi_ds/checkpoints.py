@@ -29,15 +29,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from redi_ds.config import ConfigError, save_config
-from redi_ds.errors import TrainingError
+from redi_ds.config import save_config
+from redi_ds.errors import ConfigError, TrainingError
+from redi_ds.ranks import is_rank0, log0
 
 PARTIAL = ".partial"
-
-
-def log0(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"[redi-ds] {msg}", flush=True)
 
 
 def _step(p: Path) -> Optional[int]:
@@ -200,5 +196,5 @@ class CheckpointStore:
 def _fault(name: str, step: int) -> None:
     """The testing aid of the module docstring (REDI_DS_FAULT=name:step)."""
     spec = os.environ.get("REDI_DS_FAULT", "")
-    if spec == f"{name}:{step}" and int(os.environ.get("RANK", "0")) == 0:
+    if spec == f"{name}:{step}" and is_rank0():
         os.kill(os.getpid(), signal.SIGKILL)

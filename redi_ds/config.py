@@ -28,14 +28,11 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from redi_ds.errors import ConfigError
 from redi_ds.eval.options import EvalOptions
 from redi_ds.kernels.options import FusedHeadOptions
 
 PAPER_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-
-
-class ConfigError(ValueError):
-    """A user-caused configuration problem; its message is one line."""
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from redi_ds.config import ConfigError
+from redi_ds.errors import ConfigError
 
 
 def init_distributed():

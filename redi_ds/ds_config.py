@@ -1,7 +1,8 @@
 """The DeepSpeed JSON: ZeRO and precision from ``ds_configs/*.json``; everything else from our config.
 
-The bundled files ship inside the package (``redi_ds.ds_configs``, mapped from the top-level ``ds_configs/``
-folder, read through ``importlib.resources``), so a regular, non-editable install finds them.
+The bundled files are package data of ``redi_ds`` (``redi_ds/ds_configs/*.json``, read through
+``importlib.resources``; the top-level ``ds_configs`` of a checkout links there), so a regular, non-editable
+install finds them.
 ``deepspeed.config`` names one of them (``zero3``, ``zero2``, ``zero3_offload``) or a JSON file of your own.
 Batch sizes, accumulation, clipping, optimizer and schedule live in our config, never in the JSON: a JSON
 that sets them is a one-line error. ``deepspeed.zero`` entries are merged into ``zero_optimization`` and,
@@ -14,9 +15,8 @@ import json
 import os
 from importlib import resources
 
-from redi_ds.config import ConfigError
+from redi_ds.errors import ConfigError
 
-PACKAGE = "redi_ds.ds_configs"
 # set from our config (train.*, deepspeed.precision): a JSON that sets them would silently disagree
 OURS = {
     "train_batch_size": "train.global_batch_size",
@@ -29,8 +29,12 @@ OURS = {
 }
 
 
+def _bundled():
+    return resources.files("redi_ds").joinpath("ds_configs")
+
+
 def bundled_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files(PACKAGE).iterdir() if p.name.endswith(".json"))
+    return sorted(p.name[:-5] for p in _bundled().iterdir() if p.name.endswith(".json"))
 
 
 def locate(name: str) -> tuple[str, str]:
@@ -40,7 +44,7 @@ def locate(name: str) -> tuple[str, str]:
             raise ConfigError(f"deepspeed.config: {name!r}: no such file")
         with open(name, encoding="utf-8") as f:
             return name, f.read()
-    res = resources.files(PACKAGE).joinpath(f"{name}.json")
+    res = _bundled().joinpath(f"{name}.json")
     if not res.is_file():
         raise ConfigError(f"deepspeed.config: {name!r} is neither a .json file nor one of {', '.join(bundled_names())}")
     return f"ds_configs/{name}.json", res.read_text(encoding="utf-8")

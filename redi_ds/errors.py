@@ -1,6 +1,21 @@
-"""Errors with one-line messages. ``ConfigError`` (redi_ds.config) and ``DataError`` (redi_ds.data) are what a
-user's input got wrong (exit 2); ``TrainingError`` is a run that went wrong (diverged, disk full, a
-checkpoint that cannot be used; exit 1). Each names what happened, where, and the last good checkpoint."""
+"""Errors with one-line messages, and what each means for the exit status.
+
+- ``UserError`` (exit 2): what a user's input got wrong (config, data, paths, options). ``ConfigError`` is
+  defined here; ``DataError`` (redi_ds.data), ``EvalError`` (redi_ds.eval), ``PrepareError`` and
+  ``NegativesError`` derive from it. Each names the file, line and field.
+- ``TrainingError`` (exit 1): a run that went wrong (diverged, disk full, a checkpoint that cannot be used).
+  Each names what happened, where, and the last good checkpoint.
+
+This module imports nothing, so every other module can import it (no config <-> ds_config circle).
+"""
+
+
+class UserError(ValueError):
+    """A user-caused problem; its message is one line."""
+
+
+class ConfigError(UserError):
+    """A configuration problem (YAML, overrides, the DeepSpeed JSON, world size); one line."""
 
 
 class TrainingError(RuntimeError):
@@ -10,3 +25,8 @@ class TrainingError(RuntimeError):
     def __init__(self, msg: str, local: bool = False):
         super().__init__(msg)
         self.local = local
+
+
+def exit_code(e: BaseException) -> int:
+    """2 for a user's error, 1 for a run that went wrong."""
+    return 2 if isinstance(e, UserError) else 1

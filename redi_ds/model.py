@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from redi_ds.config import ConfigError, ModelConfig
+from redi_ds.config import ModelConfig
+from redi_ds.errors import ConfigError
 from redi_ds.data.collate import per_position
 from redi_ds.eval.errors import EvalError
 from redi_ds.eval.prompting import resolve_chat_template, resolve_tokenizer

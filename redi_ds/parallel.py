@@ -142,7 +142,7 @@ def setup(hf_model, size: int, rows_per_forward: int, pad_id: int) -> Optional[S
 
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from redi_ds.config import ConfigError
+    from redi_ds.errors import ConfigError
 
     heads = hf_model.config.num_attention_heads
     kv = getattr(hf_model.config, "num_key_value_heads", None) or heads

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from redi_ds.checkpoints import log0
+from redi_ds.ranks import log0
 from redi_ds.config import Config
 from redi_ds.data.collate import collate
 

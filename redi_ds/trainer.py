@@ -39,7 +39,8 @@ from typing import Any, Optional
 import torch
 
 from redi_ds import parallel
-from redi_ds.checkpoints import CheckpointStore, log0
+from redi_ds.checkpoints import CheckpointStore
+from redi_ds.ranks import log0
 from redi_ds.config import Config, grad_accum_steps, save_config
 from redi_ds.data import DataError
 from redi_ds.data.collate import collate

@@ -13,7 +13,7 @@ import pytest
 
 from redi_ds.ablation import stats, task
 from redi_ds.ablation.config import load_ablation
-from redi_ds.config import ConfigError
+from redi_ds.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

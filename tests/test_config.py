@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from redi_ds.config import ConfigError, config_names, grad_accum_steps, load_config, parse_overrides
+from redi_ds.errors import ConfigError
+from redi_ds.config import config_names, grad_accum_steps, load_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 

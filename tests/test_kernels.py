@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -412,7 +411,8 @@ def test_gpu_bf16_accuracy(impl):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_triton_faster_and_smaller_than_naive():
+def test_gpu_triton_peak_memory_is_a_fraction_of_naive():
+    """Memory only: speed lives in kernels/bench_fused_head.py and kernels/gpu_check.py, never in a timed test."""
     n, t, h, v = 8, 1024, 1536, 151936
     torch.manual_seed(0)
     hidden = torch.randn(n, t, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -427,20 +427,17 @@ def test_gpu_triton_faster_and_smaller_than_naive():
     def fused():
         return fused_linear_loss(hidden, weight, labels, coeffs, impl="triton")[0]
 
-    def measure(fn):
+    def peak(fn):
         fn().backward()  # warm-up / compile
         hidden.grad = weight.grad = None
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
-        for _ in range(3):
-            fn().backward()
-            hidden.grad = weight.grad = None
+        fn().backward()
+        hidden.grad = weight.grad = None
         torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / 3, torch.cuda.max_memory_allocated() - base
+        return torch.cuda.max_memory_allocated() - base
 
-    t_naive, m_naive = measure(naive)
-    t_fused, m_fused = measure(fused)
-    assert t_fused < t_naive, f"triton {t_fused * 1e3:.1f} ms vs naive {t_naive * 1e3:.1f} ms"
+    m_naive, m_fused = peak(naive), peak(fused)
     assert m_fused < 0.15 * m_naive, f"triton peak {m_fused / 2**20:.0f} MiB vs naive {m_naive / 2**20:.0f} MiB"

@@ -78,7 +78,7 @@ def test_packed_sdpa_keeps_sequences_apart_and_plain_sdpa_does_not():
 def test_heads_that_do_not_split_over_the_group_are_a_config_error():
     import transformers
 
-    from redi_ds.config import ConfigError
+    from redi_ds.errors import ConfigError
     from redi_ds.parallel import setup
 
     cfg = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
@@ -90,7 +90,7 @@ def test_heads_that_do_not_split_over_the_group_are_a_config_error():
 
 def test_gradient_average_size_per_zero_stage():
     from redi_ds import ds_config
-    from redi_ds.config import ConfigError
+    from redi_ds.errors import ConfigError
 
     def ds(stage, sp, **zero):
         return {"zero_optimization": {"stage": stage, **zero}, "sequence_parallel_size": sp}

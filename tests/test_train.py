@@ -117,7 +117,7 @@ def test_tied_head_is_not_gathered_for_its_backward(tmp_path):
     zero = ("{stage3_param_persistence_threshold: 0, stage3_max_live_parameters: 0, stage3_max_reuse_distance: 0, "
             "stage3_prefetch_bucket_size: 0}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "redi_ds.kernels.bench_zero3_gather", "--loss", "redi", "--steps", "2", "--json", str(out),
+           str(ROOT / "kernels" / "bench_zero3_gather.py"), "--loss", "redi", "--steps", "2", "--json", str(out),
            "--train.micro_batch_size", "2", "--deepspeed.zero", zero, "--out", str(tmp_path / "run")]
     r = subprocess.run(cmd, cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]

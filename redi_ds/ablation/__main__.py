@@ -1,4 +1,4 @@
-"""``python -m redi_ds.ablation --config ablation-tiny [--quick | --smoke] [--seeds N] [--out DIR]``
+"""``redi-ds ablation --config ablation-tiny [--quick | --smoke] [--seeds N] [--out DIR]``
 
 Does REDI do what the paper says? Trains one SFT base, branches from it (continued SFT, REDI at alpha 0.8 and
 1.0, DPO, SimPO, and the config's extra branches) over seeds, scores every model on the same held-out problems,
@@ -15,8 +15,8 @@ import sys
 from typing import Optional, Sequence
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m redi_ds.ablation", description=__doc__.splitlines()[2])
+def main(argv: Optional[Sequence[str]] = None, prog: str = "redi-ds ablation") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[2])
     p.add_argument("--config", default="ablation-tiny", help="bundled ablation config name or YAML path")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the config's quick size (CPU: ~20 min)")
@@ -25,16 +25,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", default=None, help="output folder (default: runs/<config>-<size>)")
     args = p.parse_args(argv)
     size_name = "quick" if args.quick else "smoke" if args.smoke else "full"
-    command = "python -m redi_ds.ablation " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = f"{prog} " + " ".join(sys.argv[1:] if argv is None else argv)
 
     from redi_ds.ablation.config import load_ablation
     from redi_ds.ablation.harness import Ablation, Preempted
-    from redi_ds.config import ConfigError
-    from redi_ds.data import DataError
-    from redi_ds.errors import TrainingError
-    from redi_ds.eval.errors import EvalError
+    from redi_ds.cli import report
+    from redi_ds.errors import TrainingError, UserError
+    from redi_ds.ranks import is_rank0
 
-    rank0 = os.environ.get("RANK", "0") == "0"
+    rank0 = is_rank0()
     try:
         cfg = load_ablation(args.config, size_name, {"seeds": args.seeds} if args.seeds else None)
         name = os.path.splitext(os.path.basename(args.config))[0]
@@ -47,10 +46,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if rank0:
             print(f"[redi-ds] ablation {e}", flush=True)
         return 0
-    except (ConfigError, DataError, EvalError, TrainingError) as e:
-        if rank0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1 if isinstance(e, TrainingError) else 2
+    except (UserError, TrainingError) as e:
+        return report(e)
     if rank0:
         print(f"[redi-ds] ablation done: {os.path.join(out, 'summary.md')}")
         for key, c in results["claims"].items():

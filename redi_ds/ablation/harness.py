@@ -17,7 +17,6 @@ re-scores any export to the same number. MLflow: a parent run for the ablation, 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import time
 from dataclasses import dataclass, field, replace
@@ -25,7 +24,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from redi_ds.ablation.config import AblationConfig
-from redi_ds.checkpoints import log0
+from redi_ds import ranks
+from redi_ds.ranks import log0
 
 
 class Preempted(Exception):
@@ -62,8 +62,7 @@ class RunRecord:
 class Ablation:
     def __init__(self, cfg: AblationConfig, out: Path, name: str, size: str, command: str):
         self.cfg, self.out, self.name, self.size, self.command = cfg, Path(out).resolve(), name, size, command
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank, self.world = ranks.rank(), ranks.world_size()
         self.uri = f"sqlite:///{self.out}/mlflow.db"
         self.parent_run: Optional[str] = None
         self.timings: dict[str, float] = {}

@@ -27,12 +27,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from redi_ds.errors import UserError
 from redi_ds.eval.options import EvalOptions
 
 FIELDS = ("response", "answer")
 
 
-class NegativesError(Exception):
+class NegativesError(UserError):
     """A user-caused problem (paths, data, options); its message is one line."""
 
 
@@ -174,11 +175,11 @@ def _bar(total: int, enabled: bool):
     return _progress_bar(total, enabled=enabled, desc="sample")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = "redi-ds negatives") -> int:
     from redi_ds.eval.__main__ import add_option_args, options_from_args
     from redi_ds.eval.errors import EvalError
 
-    p = argparse.ArgumentParser(prog="python -m redi_ds.data.negatives", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="an HF folder (e.g. an SFT export) or hub name")
     p.add_argument("--data", required=True, help="prepared folder, save_to_disk folder, .jsonl or .parquet")
     p.add_argument("--out", required=True, help="output folder (pairs/, sft/, stats.json)")

@@ -281,8 +281,8 @@ def _csv(value: str) -> tuple:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m redi_ds.data.prepare", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "redi-ds prepare") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--source", required=True, help="JSONL/Parquet file or folder, save_to_disk folder, or HF name")
     p.add_argument("--out", required=True, help="output folder: sft/, pairs/, stats.json")
     p.add_argument("--recipe", default="redi-paper", choices=sorted(RECIPES))
@@ -338,13 +338,14 @@ def options_from_args(args: argparse.Namespace) -> PrepareOptions:
     )
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog: str = "redi-ds prepare") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         prepare(options_from_args(args))
     except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        from redi_ds.cli import report
+
+        return report(e)
     return 0
 
 

@@ -18,13 +18,14 @@ from typing import Optional
 from datasets import Dataset, DatasetDict, Features, Value, load_dataset, load_from_disk
 
 from redi_ds.data import layouts
+from redi_ds.errors import UserError
 
 JSONL_EXT = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
 PARQUET_EXT = (".parquet",)
 LINE_FEATURES = Features({"_line": Value("string"), "_ref": Value("string"), "_bad": Value("string")})
 
 
-class PrepareError(Exception):
+class PrepareError(UserError):
     """A user-caused problem with the input or options; its message is one line."""
 
 

@@ -17,14 +17,15 @@ from typing import Optional, Sequence
 
 from redi_ds.eval.backends import AUTO_ORDER, BACKENDS
 from redi_ds.eval.benchmarks import ALIASES, BENCHMARKS, SUITES
+from redi_ds.cli import report
 from redi_ds.eval.errors import EvalError
 from redi_ds.eval.options import EvalOptions
 from redi_ds.eval.prompting import CHAT_TEMPLATES
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "redi-ds eval") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m redi_ds.eval",
+        prog=prog,
         description="Evaluate a model on the bundled math benchmarks (pass@1 over k samples, graded with math-verify).",
         epilog="benchmarks: " + ", ".join(f"{n} ({s.description})" for n, s in BENCHMARKS.items())
         + "; suites: " + ", ".join(f"{k}={','.join(v)}" for k, v in SUITES.items())
@@ -108,8 +109,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
     return EvalOptions(**values)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None, prog: str = "redi-ds eval") -> int:
+    args = build_parser(prog).parse_args(argv)
     from redi_ds.eval.runner import dist_env, run_eval
 
     try:
@@ -127,8 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             world_size=world_size,
         )
     except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -53,8 +53,10 @@ PLOT_NAME = "accuracy_by_level.png"
 
 def dist_env() -> tuple[int, int]:
     """(rank, world size) from torchrun's ``RANK`` / ``WORLD_SIZE`` (0, 1 without them)."""
+    from redi_ds import ranks
+
     try:
-        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        return ranks.rank(), ranks.world_size()
     except ValueError:
         raise EvalError("RANK and WORLD_SIZE must be integers") from None
 

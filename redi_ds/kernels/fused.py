@@ -16,7 +16,7 @@ fused_sequence_logprobs (losses that are a non-linear function of lp)
 
 The kernels know no loss by name: the loss modules (redi_ds.losses) own the formulas and give the
 coefficients. The [tokens x vocab] logits are never materialised: see engine.py for the block design.
-``impl`` (or ``options.impl``): "triton" (kernels/triton_head.py), "torch" (kernels/torch_head.py, the CPU
+``impl`` (or ``options.impl``): "triton" (triton_head.py), "torch" (torch_head.py, the CPU
 path), "auto" (triton on CUDA, torch elsewhere), "reference" (the unfused oracle, reference.py).
 Triton is imported only when impl resolves to "triton".
 Low-precision (bf16/fp16) inputs: matmuls in the input dtype with fp32 accumulation, softmax in fp32;

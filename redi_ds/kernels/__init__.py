@@ -1,6 +1,7 @@
 """redi_ds.kernels: per-sequence log-probs (and linear losses) straight from hidden states and the LM head.
 
-Installed as ``redi_ds.kernels`` (setup.py maps this folder); never import it as a top-level ``kernels``.
+A subpackage that imports nothing of redi_ds above it (no trainer, config, loss or model); the microbenchmarks
+live outside the package, in the checkout's top-level ``kernels/`` folder (scripts, no ``__init__.py``).
 Triton is imported only when ``impl="triton"`` is used. The kernels know no loss by name: they return
 per-sequence log-prob sums and counts, and ``sum_t c_t logp_t`` for coefficients a loss module gives
 (``redi_ds.losses`` owns the SFT / REDI / DPO / SimPO formulas).
