@@ -45,8 +45,9 @@ def main(argv=None) -> int:
     import torch.distributed as dist
     import transformers
 
-    from redi_ds.config import LossConfig
+    from redi_ds.losses import loss_config
     from redi_ds.data.collate import collate
+    from redi_ds.data.layout import PAIRS
     from redi_ds.kernels import FusedHeadOptions
     from redi_ds.losses import StepTotals, build_loss
     from redi_ds.model import PolicyModel
@@ -69,14 +70,14 @@ def main(argv=None) -> int:
 
         register_packed_sdpa()
         hf.set_attn_implementation(PACKED_SDPA)
-    model = PolicyModel(hf, build_loss(LossConfig(name="redi")), FusedHeadOptions(impl="torch"), sp=sp).train()
+    model = PolicyModel(hf, build_loss(loss_config("redi")), FusedHeadOptions(impl="torch"), sp=sp).train()
     g = torch.Generator().manual_seed(1)
     half = args.tokens // 2
     prompt = half // 8
     ex = {"prompt_ids": torch.randint(0, 151000, (prompt,), generator=g).tolist(),
           "chosen_ids": torch.randint(0, 151000, (half - prompt,), generator=g).tolist(),
           "rejected_ids": torch.randint(0, 151000, (half - prompt,), generator=g).tolist()}
-    batch = collate([ex], "pairs", pad_id=0, padding_free=True)
+    batch = collate([ex], PAIRS, pad_id=0, padding_free=True)
     totals = StepTotals(examples=1, tokens=int(batch["counts"].sum()))
     if world > 1:
         dist.barrier()

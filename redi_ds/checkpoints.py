@@ -162,9 +162,8 @@ class CheckpointStore:
             shutil.rmtree(old, ignore_errors=True)
 
     def _check_space(self, engine, step: int) -> None:
-        """Every rank: is there room for one more checkpoint? (a collective MIN, so all ranks agree)"""
-        import torch
-        import torch.distributed as dist
+        """Every rank: is there room for one more checkpoint? (all ranks agree)"""
+        from redi_ds.distributed import every_rank
 
         previous = self.latest()
         if previous is not None:
@@ -176,9 +175,7 @@ class CheckpointStore:
         while not probe.exists():
             probe = probe.parent
         free = shutil.disk_usage(probe).free
-        ok = torch.tensor([1.0 if free >= need else 0.0])
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if ok.item() < 1:
+        if not every_rank(free >= need):
             last = self.latest()
             raise TrainingError(
                 f"disk full: checkpoint step_{step} needs about {need / 2**20:.0f} MiB in {self.root} and "

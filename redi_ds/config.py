@@ -31,6 +31,7 @@ import yaml
 from redi_ds.errors import ConfigError
 from redi_ds.eval.options import EvalOptions
 from redi_ds.kernels.options import FusedHeadOptions
+from redi_ds.losses import LOSSES, loss_config
 
 PAPER_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -108,16 +109,6 @@ class TrainConfig:
 
 
 @dataclass
-class LossConfig:
-    name: str = "redi"  # sft | redi | dpo | simpo
-    alpha: float = 0.8  # REDI: weight of the rejected term
-    negative_span: str = "all"  # REDI: all (the paper's loss) | divergent (rejected tokens from the first one
-    #                             that departs from the chosen trace, normalised by that span's length)
-    beta: float = 0.1  # DPO / SimPO temperature
-    gamma: float = 1.0  # SimPO target reward margin, subtracted inside the sigmoid
-
-
-@dataclass
 class DeepSpeedConfig:
     config: str = "zero3"  # name in ds_configs/ (zero3, zero2, zero3_offload) or a JSON path
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
@@ -154,7 +145,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    # the loss's own section (redi_ds.losses: REDIConfig, DPOConfig, ...), chosen by its ``name``
+    loss: Any = field(default_factory=lambda: loss_config("redi"), metadata={"by_name": "loss_section"})
     kernel: FusedHeadOptions = field(default_factory=FusedHeadOptions)  # the fused head (redi_ds.kernels)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -200,10 +192,24 @@ def _locate(name_or_path: str) -> tuple[str, str]:
                       f"(bundled: {', '.join(config_names())})")
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def _by_name_sections() -> set[str]:
+    """Sections whose type is chosen by their ``name`` (the loss): another name starts a fresh section."""
+    return {f.name for f in dataclasses.fields(Config) if "by_name" in f.metadata}
+
+
+def _deep_merge(base: dict, over: dict, top: bool = True) -> dict:
+    """``over`` on top of ``base``. A by-name section whose ``name`` changes is replaced, not merged: the options
+    of the loss below (alpha, say) are not options of the new one."""
     out = dict(base)
+    fresh = _by_name_sections() if top else set()
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if k in fresh and isinstance(v, dict) and isinstance(out.get(k), dict) \
+                and v.get("name", out[k].get("name")) != out[k].get("name"):
+            out[k] = dict(v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v, top=False)
+        else:
+            out[k] = v
     return out
 
 
@@ -267,7 +273,12 @@ def load_config(name_or_path: str = "tiny", stage: Optional[str] = None,
         raise ConfigError(f"{source}: no stage {stage!r} (stages: {', '.join(stages)})")
     merged = _deep_merge(raw, stages.get(stage) or {})
     merged["stage"] = stage
-    for key, value in parse_overrides(overrides or []) + list((settings or {}).items()):
+    layer = parse_overrides(overrides or []) + list((settings or {}).items())
+    for section in _by_name_sections():  # another loss named here: the options below belong to the old one
+        names = [v for k, v in layer if k == f"{section}.name"]
+        if names and isinstance(merged.get(section), dict) and merged[section].get("name") != names[-1]:
+            merged[section] = {}
+    for key, value in layer:
         _set_dotted(merged, key, value)
     _inherit(merged, "eval.system_prompt", "data.system_prompt")  # evaluate with the prompt it trained on
     cfg = from_dict(Config, merged, source=source)
@@ -357,24 +368,38 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
+def _loss_section(value: Any, where: str) -> Any:
+    """The ``loss`` section as its loss's own config dataclass, chosen by ``name``."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a section (mapping), got {value!r}")
+    name = value.get("name", Config().loss.name)
+    if name not in LOSSES:
+        raise ConfigError(f"{where}.name = {name!r}; expected one of {', '.join(sorted(LOSSES))}")
+    return from_dict(LOSSES[name].Config, value, prefix=where)
+
+
+_BY_NAME = {"loss_section": _loss_section}
+
+
 def from_dict(cls: type, data: dict, *, source: str = "", prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         where = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            close = ", ".join(sorted(names))
+        if key not in fields:
+            close = ", ".join(sorted(fields))
             raise ConfigError(f"{source + ': ' if source else ''}unknown key {where!r} (known here: {close})")
         try:
-            kwargs[key] = _coerce(hints[key], value, where)
+            by_name = fields[key].metadata.get("by_name")
+            kwargs[key] = _BY_NAME[by_name](value, where) if by_name else _coerce(hints[key], value, where)
         except ConfigError as e:
             msg = str(e)
             raise ConfigError(f"{source}: {msg}" if source and not msg.startswith(source) else msg) from None
     try:
         return cls(**kwargs)
-    except ValueError as e:  # a section that validates itself (kernel: FusedHeadOptions)
-        where = f"{prefix}." if prefix else ""
+    except ValueError as e:  # a section that validates itself (kernel: FusedHeadOptions, a loss's options)
+        where = f"{prefix}." if prefix and not str(e).startswith(f"{prefix}.") else ""
         raise ConfigError(f"{source + ': ' if source else ''}{where}{e}") from None
 
 
@@ -397,16 +422,6 @@ def validate(cfg: Config, source: str = "config") -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
             fail(f"{dotted} = {value!r}; expected one of {', '.join(choices)}")
-    from redi_ds.losses import LOSSES  # light: pure torch-free registry names
-
-    if cfg.loss.name not in LOSSES:
-        fail(f"loss.name = {cfg.loss.name!r}; expected one of {', '.join(sorted(LOSSES))}")
-    if not 0.0 <= cfg.loss.alpha <= 1.0:
-        fail(f"loss.alpha = {cfg.loss.alpha}; REDI's alpha lies in [0, 1]")
-    if cfg.loss.negative_span not in ("all", "divergent"):
-        fail(f"loss.negative_span = {cfg.loss.negative_span!r}; expected all or divergent")
-    if cfg.loss.negative_span != "all" and cfg.loss.name != "redi":
-        fail(f"loss.negative_span = {cfg.loss.negative_span!r} is a REDI option (loss.name is {cfg.loss.name!r})")
     if cfg.eval.heldout_every < 0 or (cfg.eval.heldout_every and not cfg.eval.heldout_pairs):
         fail("eval.heldout_every needs eval.heldout_pairs (a JSONL of prompt, chosen, rejected) and must be >= 0")
     t = cfg.train

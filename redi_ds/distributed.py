@@ -51,12 +51,7 @@ class StopRequest:
         self.flag = True
 
     def agreed(self) -> bool:
-        import torch.distributed as dist
-
-        local = self.flag or bool(self.file and os.path.exists(self.file))
-        t = torch.tensor([1.0 if local else 0.0], device=current_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        return any_rank(self.flag or bool(self.file and os.path.exists(self.file)))
 
 
 class StageLock:
@@ -69,7 +64,6 @@ class StageLock:
     def acquire(cls, stage_dir: Path, rank: int) -> "StageLock":
         import fcntl
 
-        import torch.distributed as dist
 
         fd, holder = None, ""
         if rank == 0:
@@ -87,9 +81,7 @@ class StageLock:
                 fd = None
             except OSError:  # a file system without flock: run unlocked rather than not at all
                 pass
-        busy = torch.tensor([1.0 if holder else 0.0], device=current_device())
-        dist.all_reduce(busy, op=dist.ReduceOp.MAX)
-        if busy.item() > 0:
+        if any_rank(bool(holder)):
             raise ConfigError(f"{stage_dir} is in use by another run ({holder or 'see rank 0'}); wait for it to end, "
                               f"or set run.output_dir to another folder")
         return cls(fd)
@@ -100,14 +92,31 @@ class StageLock:
             self.fd = None
 
 
+def _agree(local: bool, op: str) -> bool:
+    """One all-reduce of a flag on this rank's device (NCCL needs CUDA tensors), the same answer on every rank."""
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if local else 0.0], device=current_device())
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+    return bool(t.item() > 0)
+
+
+def any_rank(local: bool) -> bool:
+    """True on every rank when it is true on at least one (stop now? is the stage dir busy?)."""
+    return _agree(local, "MAX")
+
+
+def every_rank(local: bool) -> bool:
+    """True on every rank when it is true on all of them (finite weights? room for a checkpoint?)."""
+    return _agree(local, "MIN")
+
+
 def current_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def params_finite(engine, device) -> bool:
-    """Every rank checks its own partition (ZeRO-3: ds_tensor); agreed by a MIN all-reduce."""
-    import torch.distributed as dist
-
+def params_finite(engine) -> bool:
+    """Every rank checks its own partition (ZeRO-3: ds_tensor); all ranks agree."""
     ok = True
     for p in engine.module.parameters():
         t = getattr(p, "ds_tensor", None)
@@ -115,6 +124,4 @@ def params_finite(engine, device) -> bool:
         if t.numel() and not bool(torch.isfinite(t).all()):
             ok = False
             break
-    flag = torch.tensor([1.0 if ok else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() > 0)
+    return every_rank(ok)

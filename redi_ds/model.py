@@ -196,7 +196,7 @@ class PolicyModel(nn.Module):
         self.tied = hf_model.lm_head.weight is hf_model.get_input_embeddings().weight
         self.hf.lm_head = FusedHead(hf_model.lm_head, head_options)
         self.loss_fn = loss_fn
-        _quiet_deepspeed_about(Unhooked)
+        _quiet_deepspeed_about_unhooked()
 
     def sequence_logprobs(self, batch: dict, coeffs: Optional[torch.Tensor] = None,
                           token_coeffs: Optional[torch.Tensor] = None):
@@ -236,22 +236,23 @@ class PolicyModel(nn.Module):
         return share, self.loss_fn.metrics(sums.detach(), counts, ref_logps)
 
 
-def _quiet_deepspeed_about(cls: type) -> None:
+class _DropUnhookedWarning:
+    """A logging filter: drops DeepSpeed's warning about ``Unhooked`` values (any other type still warns)."""
+
+    marker = "(<class 'redi_ds.model.Unhooked'>)"
+
+    def filter(self, record) -> bool:
+        return self.marker not in record.getMessage()
+
+
+def _quiet_deepspeed_about_unhooked() -> None:
     """DeepSpeed warns once that a module's inputs/outputs are of a type its hooks cannot look into: for
-    ``Unhooked`` that is the point, so that one message is dropped (any other type still warns)."""
+    ``Unhooked`` that is the point. The filter is added to DeepSpeed's logger once per process."""
     import logging
 
-    marker = f"({cls!r})"
-
-    class _Drop(logging.Filter):
-        def filter(self, record):
-            return marker not in record.getMessage()
-
     log = logging.getLogger("DeepSpeed")
-    if not any(isinstance(f, _Drop.__mro__[0]) and getattr(f, "marker", None) == marker for f in log.filters):
-        f = _Drop()
-        f.marker = marker
-        log.addFilter(f)
+    if not any(isinstance(f, _DropUnhookedWarning) for f in log.filters):
+        log.addFilter(_DropUnhookedWarning())
 
 
 def export_hf(state_dict: dict, hf_model, tokenizer, out_dir: str) -> None:

@@ -67,9 +67,6 @@ class Tracker:
     def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
         self._put(("artifact", path, artifact_path))
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        self._put(("tags", tags))
-
     def finish(self, status: str = "FINISHED", timeout: float = 60.0) -> None:
         if self._thread is None:
             return
@@ -119,8 +116,6 @@ class Tracker:
                     mlflow.log_metrics({k: float(v) for k, v in item[1].items()}, step=item[2])
                 elif kind == "artifact":
                     mlflow.log_artifact(item[1], artifact_path=item[2])
-                elif kind == "tags":
-                    mlflow.set_tags(item[1])
                 elif kind == "end":
                     mlflow.end_run(status=item[1])
             except Exception as e:  # noqa: BLE001
@@ -128,19 +123,19 @@ class Tracker:
 
 
 def run_tags(cfg, base_model: str) -> dict[str, str]:
-    """Tags a person can browse training runs by: stage, loss and its hyperparameters (alpha for REDI, beta and
-    gamma for DPO / SimPO), the model it started from (and, for ``@stage``, that stage's MLflow run), the run
+    """Tags a person can browse training runs by: stage, loss and its options (each loss's config section gives
+    them: alpha for REDI, beta and gamma for DPO / SimPO), the model it started from (and, for ``@stage``, that stage's MLflow run), the run
     name and the git commit of the code."""
     from redi_ds.stage import StageDir
 
-    by_loss = {"redi": ("alpha",), "dpo": ("beta",), "simpo": ("beta", "gamma")}
-    tags = {"stage": cfg.stage, "loss": cfg.loss.name, "base_model": base_model, "run": cfg.run.name,
-            "git_commit": git_commit()}
+    from redi_ds.losses import loss_tags
+
+    tags = {"stage": cfg.stage, "base_model": base_model, "run": cfg.run.name, "git_commit": git_commit()}
     if cfg.model.name_or_path.startswith("@"):
         source = cfg.model.name_or_path[1:]
         tags["started_from_stage"] = source
         tags["started_from_run"] = StageDir(Path(cfg.run.output_dir) / source).run_id() or "unknown"
-    return tags | {k: str(getattr(cfg.loss, k)) for k in by_loss.get(cfg.loss.name, ())}
+    return tags | loss_tags(cfg.loss)  # the loss's name and its own options (alpha; beta, gamma)
 
 
 def git_commit() -> str:

@@ -43,11 +43,11 @@ from redi_ds.checkpoints import CheckpointStore
 from redi_ds.ranks import log0
 from redi_ds.config import Config, grad_accum_steps, save_config
 from redi_ds.data import DataError
-from redi_ds.data.collate import collate
+from redi_ds.data.layout import RowLayout
 from redi_ds.distributed import StageLock, StopRequest, current_device, init_distributed, params_finite
 from redi_ds.errors import TrainingError
 from redi_ds.losses import SequenceLoss, StepTotals, build_loss
-from redi_ds.passes import HeldoutProbe, pair_index, reference_pass, to_device
+from redi_ds.passes import Batcher, HeldoutProbe, reference_pass
 from redi_ds.schedule import lr_lambda, make_optimizer, resolve_precision, step_indices
 from redi_ds.stage import StageDir
 
@@ -110,7 +110,7 @@ class Run:
     grad_average: int            # the ranks DeepSpeed averages gradients over (ds_config.gradient_average_size)
     precision: str
     device: torch.device
-    kind: str                    # "sft" | "pairs"
+    batcher: Batcher             # examples -> a batch on this device, in the loss's row layout
     data: Any                    # datasets.Dataset of encoded rows
     lengths: torch.Tensor        # [N] response tokens per example (chosen + rejected for pairs)
     tokenizer: Any
@@ -156,7 +156,7 @@ def train(cfg: Config) -> TrainResult:
             record(run, stats)
             done = stats.step
             if run.probe is not None and run.probe.due(done, run.total_steps):
-                run.probe.measure(run, done)
+                record_probe(run, run.probe.measure(run.engine, done))
             stop = done < run.total_steps and (run.stop.agreed() or done == cfg.train.stop_after_steps)
             every = cfg.train.save_every
             if stop or (every and done % every == 0 and done < run.total_steps):
@@ -190,10 +190,9 @@ def build(cfg: Config) -> Run:
     ds_config.check_sequence_parallel(ds, getattr(cfg, "_source", "config"))
     torch.manual_seed(cfg.run.seed)
     loss_fn = build_loss(cfg.loss)
-    kind = "pairs" if loss_fn.paired else "sft"
     model_path = resolve_model_path(cfg.model.name_or_path, cfg.run.output_dir)
     tokenizer = load_tokenizer(cfg.model, model_path)
-    data, lengths = load_data(cfg, kind, tokenizer)
+    data, lengths = load_data(cfg, loss_fn.layout, tokenizer)
     total_steps = count_steps(cfg, len(data))
 
     rank, world = init_distributed()
@@ -207,7 +206,7 @@ def build(cfg: Config) -> Run:
     hf_model = build_model(cfg.model, model_path, torch.float32 if precision == "fp16" else DTYPES[precision],
                            cfg.run.seed, tokenizer)
     apply_liger(hf_model, cfg.model.liger)
-    rows = 1 if cfg.data.padding_free else cfg.train.micro_batch_size * (2 if kind == "pairs" else 1)
+    rows = 1 if cfg.data.padding_free else cfg.train.micro_batch_size * loss_fn.layout.sequences_per_example
     sp = parallel.setup(hf_model, cfg.deepspeed.sequence_parallel_size, rows, tokenizer.pad_token_id)
     policy = PolicyModel(hf_model, loss_fn, cfg.kernel, sp=sp)
     optimizer = make_optimizer(policy, cfg, "offload_optimizer" in ds["zero_optimization"])
@@ -218,8 +217,9 @@ def build(cfg: Config) -> Run:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
 
     # reference log-probs (DPO): one pass with the initial weights, before any update (also on resume)
-    ref_logps = reference_pass(engine, data, kind, tokenizer.pad_token_id, cfg, rank, world, device) \
-        if loss_fn.needs_reference else None
+    batcher = Batcher(loss_fn.layout, tokenizer.pad_token_id, cfg.data.padding_free, device)
+    micro = cfg.train.micro_batch_size
+    ref_logps = reference_pass(engine, data, batcher, micro) if loss_fn.needs_reference else None
 
     if resume_from is not None:
         _, client = engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name)
@@ -233,28 +233,37 @@ def build(cfg: Config) -> Run:
     bar = tqdm(total=total_steps, initial=start_step, desc=cfg.stage, disable=rank != 0, dynamic_ncols=True)
     engine.train()
     run = Run(cfg=cfg, rank=rank, world=world, accum=accum, grad_average=ds_config.gradient_average_size(ds, world),
-              precision=precision, device=device, kind=kind,
+              precision=precision, device=device, batcher=batcher,
               data=data, lengths=lengths, tokenizer=tokenizer, hf_model=hf_model, loss_fn=loss_fn, engine=engine,
               scheduler=scheduler, ref_logps=ref_logps, start_step=start_step, total_steps=total_steps,
               store=store, tracker=tracker, lock=lock, stop=StopRequest(), bar=bar,
               guard=DivergenceGuard(cfg.train.max_nonfinite_steps),
-              probe=HeldoutProbe(cfg, tokenizer) if cfg.eval.heldout_every else None)
+              probe=HeldoutProbe(cfg.eval.heldout_pairs, cfg.eval.heldout_every, encoder(cfg, tokenizer), batcher,
+                                 micro) if cfg.eval.heldout_every else None)
     if run.probe is not None and start_step == 0:
-        run.probe.measure(run, 0)
+        record_probe(run, run.probe.measure(engine, 0))
     return run
 
 
-def load_data(cfg: Config, kind: str, tokenizer):
-    """Encoded rows (over-long ones skipped and counted) and their response-token counts [N]."""
-    from redi_ds.data.sources import load_source
+def encoder(cfg: Config, tokenizer):
+    """``encode(raw, layout) -> (dataset, SkipReport)``: the chat template, system prompt and length limits of
+    this run (what the training data and the held-out pairs are both tokenized with)."""
     from redi_ds.data.tokenize import ChatEncoder, encode_dataset
 
-    raw = load_source(cfg.data.path, kind, cfg.data.split, synthetic_size=cfg.data.synthetic_size, seed=cfg.run.seed)
+    chat = ChatEncoder(tokenizer, cfg.data.system_prompt)
+    return lambda raw, layout: encode_dataset(raw, layout, chat, cfg.data.max_prompt_length, cfg.data.max_length)
+
+
+def load_data(cfg: Config, layout: RowLayout, tokenizer):
+    """Encoded rows (over-long ones skipped and counted) and their response-token counts [N]."""
+    from redi_ds.data.sources import load_source
+
+    raw = load_source(cfg.data.path, layout, cfg.data.split, synthetic_size=cfg.data.synthetic_size,
+                      seed=cfg.run.seed)
     if cfg.data.limit > 0:
         raw = raw.select(range(min(cfg.data.limit, len(raw))))
-    encoder = ChatEncoder(tokenizer, cfg.data.system_prompt)
-    data, skipped = encode_dataset(raw, kind, encoder, cfg.data.max_prompt_length, cfg.data.max_length)
-    log0(f"data {cfg.data.path} ({kind}): {skipped.line()}")
+    data, skipped = encoder(cfg, tokenizer)(raw, layout)
+    log0(f"data {cfg.data.path} ({layout}): {skipped.line()}")
     if len(data) < cfg.train.global_batch_size:
         raise DataError(f"{cfg.data.path}: {len(data)} usable examples < train.global_batch_size "
                         f"({cfg.train.global_batch_size}); {skipped.line()}")
@@ -318,13 +327,13 @@ def train_step(run: Run, step: int) -> StepStats:
     share_sum, tokens, sums = 0.0, 0, {}
     for a in range(run.accum):
         rows = mine[a * micro:(a + 1) * micro]
-        batch = collate([run.data[i] for i in rows], run.kind, run.tokenizer.pad_token_id, cfg.data.padding_free)
+        batch = run.batcher([run.data[i] for i in rows])
         if counts_tokens:
             tokens += int(batch["input_ids"].numel() if batch["attention_mask"] is None
                           else batch["attention_mask"].sum())
-        ref = None if run.ref_logps is None else run.ref_logps[pair_index(rows, run.kind, len(run.data))
-                                                               .to(run.device)]
-        share, metrics = engine(to_device(batch, run.device), totals, ref)
+        ref = None if run.ref_logps is None else \
+            run.ref_logps[run.batcher.layout.sequence_index(rows, len(run.data)).to(run.device)]
+        share, metrics = engine(batch, totals, ref)
         engine.backward(share * grad_scale)
         engine.step()
         share_sum += float(share.detach())
@@ -357,6 +366,13 @@ def record(run: Run, stats: StepStats) -> None:
     run.guard.update(stats, run.precision, run.store)
 
 
+def record_probe(run: Run, row: dict) -> None:
+    """A held-out probe's row: heldout.jsonl and MLflow (rank 0)."""
+    if run.rank == 0:
+        run.stage.append_metrics(row, run.stage.heldout)
+        run.tracker.log_metrics({f"heldout_{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+
+
 class DivergenceGuard:
     """Counts consecutive steps with a non-finite loss or grad norm; too many stop the run (one line)."""
 
@@ -383,7 +399,7 @@ class DivergenceGuard:
 
 def save(run: Run, step: int) -> None:
     """A checkpoint of step ``step``, unless the run is mid-divergence or its weights are not finite."""
-    if run.guard.bad or not params_finite(run.engine, run.device):
+    if run.guard.bad or not params_finite(run.engine):
         log0(f"step {step}: not saving a checkpoint of non-finite weights (last good: {run.store.latest()})")
         return
     run.store.save(run.engine, run.cfg, step, run.world)

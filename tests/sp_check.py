@@ -26,12 +26,12 @@ def tiny(seed: int):
 
 
 def policy(loss: str, sp=None, hf=None):
-    from redi_ds.config import LossConfig
+    from redi_ds.losses import loss_config
     from redi_ds.kernels import FusedHeadOptions
     from redi_ds.losses import build_loss
     from redi_ds.model import PolicyModel
 
-    return PolicyModel(hf if hf is not None else tiny(3), build_loss(LossConfig(name=loss, alpha=0.8)),
+    return PolicyModel(hf if hf is not None else tiny(3), build_loss(loss_config(loss)),
                        FusedHeadOptions(impl="torch", chunk_size=5), sp=sp)
 
 
@@ -51,6 +51,7 @@ def summed(x: torch.Tensor) -> torch.Tensor:
 
 def main(out: str) -> int:
     from redi_ds.data.collate import collate
+    from redi_ds.data.layout import PAIRS, SFT_ROWS
     from redi_ds.losses import StepTotals
     from redi_ds.parallel import SequenceParallel, setup
 
@@ -67,10 +68,10 @@ def main(out: str) -> int:
                 {"prompt_ids": ids(3), "chosen_ids": ids(4), "rejected_ids": ids(11)}]
     res = {"cases": {}}
     for loss, packed in (("redi", True), ("redi", False), ("simpo", True), ("sft", True)):
-        kind = "sft" if loss == "sft" else "pairs"
+        layout = SFT_ROWS if loss == "sft" else PAIRS
         exs = [{"prompt_ids": e["prompt_ids"], "response_ids": e["chosen_ids"]} for e in examples] \
-            if kind == "sft" else examples
-        batch = collate(exs, kind, pad_id=0, padding_free=packed)
+            if layout == SFT_ROWS else examples
+        batch = collate(exs, layout, pad_id=0, padding_free=packed)
         totals = StepTotals(examples=2, tokens=int(batch["counts"].sum()))
         ref_share, ref_metrics, ref_grads = run(policy(loss).train(), batch, totals)  # whole rows, no SP
         hf = tiny(3)
@@ -87,7 +88,7 @@ def main(out: str) -> int:
     from deepspeed.runtime.sequence_parallel import parallel_state_sp
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 
-    batch = collate(examples, "pairs", pad_id=0, padding_free=True)
+    batch = collate(examples, PAIRS, pad_id=0, padding_free=True)
     totals = StepTotals(examples=2, tokens=int(batch["counts"].sum()))
     ref_share, _, _ = run(policy("redi").train(), batch, totals)
     hf = tiny(3)

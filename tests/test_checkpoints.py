@@ -85,12 +85,12 @@ def test_sigkill_during_a_save_leaves_the_last_complete_checkpoint(sft_run, tmp_
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 180 MiB tmpfs: room for one checkpoint of the tiny model (113 MiB), not two."""
+    """A 2 MiB tmpfs: room for one checkpoint of the tiny arith model (1.3 MiB), not two."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=180m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
@@ -128,7 +128,7 @@ def test_two_runs_on_one_stage_dir(tmp_path):
     stop = tmp_path / "stop"
     env = env_for(tmp_path) | {"REDI_DS_STOP_FILE": str(stop)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
-           TRAIN, *SFT, "--train.max_steps", "200", "--run.output_dir", str(tmp_path)]
+           TRAIN, *SFT, "--train.epochs", "1000", "--train.max_steps", "5000", "--run.output_dir", str(tmp_path)]
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300

@@ -137,3 +137,32 @@ def test_cli_reports_config_error_before_compute():
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]
     assert "unknown key 'loss.alhpa'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_each_loss_owns_its_section():
+    """The `loss` section is the chosen loss's own dataclass: its options only, checked by it; another name starts
+    from that loss's defaults (the options below it belong to another loss); its tags come from it."""
+    from redi_ds.losses import loss_tags
+    from redi_ds.losses.dpo import DPOConfig
+    from redi_ds.losses.redi import REDIConfig
+
+    redi = load_config("tiny", stage="redi", overrides=["--loss.alpha", "0.5"])
+    assert isinstance(redi.loss, REDIConfig) and redi.loss.alpha == 0.5
+    dpo = load_config("tiny", stage="redi", overrides=["--loss.name", "dpo", "--loss.beta", "0.2"])
+    assert isinstance(dpo.loss, DPOConfig) and dpo.loss.beta == 0.2 and not hasattr(dpo.loss, "alpha")
+    assert loss_tags(dpo.loss) == {"loss": "dpo", "beta": "0.2"}
+    either_order = load_config("tiny", stage="redi", settings={"loss.beta": 0.3, "loss.name": "dpo"})
+    assert either_order.loss == DPOConfig(beta=0.3)
+    assert loss_tags(redi.loss) == {"loss": "redi", "alpha": "0.5", "negative_span": "all"}
+    assert load_config("tiny", stage="sft").to_dict()["loss"] == {"name": "sft"}
+    cases = {("--loss.beta", "0.1"): "unknown key 'loss.beta'",  # redi has no beta
+             ("--loss.alpha", "1.5"): "loss.alpha = 1.5; REDI's alpha lies in [0, 1]",
+             ("--loss.name", "dpo", "--loss.beta", "0"): "loss.beta = 0.0; DPO's beta must be > 0",
+             ("--loss.name", "dpo", "--loss.beta", "-0.1"): "DPO's beta must be > 0",
+             ("--loss.name", "simpo", "--loss.gamma", ".nan"): "loss.gamma = nan; must be a finite number",
+             ("--loss.name", "simpo", "--loss.beta", "inf"): "loss.beta = inf; must be a finite number",
+             ("--loss.name", "ppo"): "loss.name = 'ppo'; expected one of dpo, redi, sft, simpo",
+             ("--loss.negative_span", "some"): "loss.negative_span = 'some'; expected all or divergent"}
+    for args, message in cases.items():
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+            load_config("tiny", stage="redi", overrides=list(args))

@@ -7,6 +7,7 @@ from redi_ds.config import ModelConfig
 from redi_ds.data import DataError
 from redi_ds.data import synthetic
 from redi_ds.data.collate import collate, token_counts
+from redi_ds.data.layout import PAIRS, SFT_ROWS
 from redi_ds.data.sources import load_source
 from redi_ds.data.tokenize import ChatEncoder, encode_dataset
 from redi_ds.model import load_tokenizer
@@ -35,7 +36,7 @@ def test_prompt_and_response_tokens(tok, enc):
 
 def test_labels_only_on_response(tok):
     ex = {"prompt_ids": [1, 2, 3], "response_ids": [4, 5]}
-    b = collate([ex], "sft", pad_id=0)
+    b = collate([ex], SFT_ROWS, pad_id=0)
     # position t predicts token t+1: positions 2 (->4) and 3 (->5) are targets; the last position has none
     assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
     assert b["targets"].tolist() == [[-100, -100, 4, 5, -100]]
@@ -44,13 +45,13 @@ def test_labels_only_on_response(tok):
 def test_pair_collation_padded_and_packed():
     exs = [{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5, 6]},
            {"prompt_ids": [7], "chosen_ids": [8, 9], "rejected_ids": [10]}]
-    b = collate(exs, "pairs", pad_id=0)
+    b = collate(exs, PAIRS, pad_id=0)
     assert b["input_ids"].tolist() == [[1, 2, 3, 0, 0], [7, 8, 9, 0, 0], [1, 2, 4, 5, 6], [7, 10, 0, 0, 0]]
     assert b["targets"].tolist() == [[-100, 3, -100, -100, -100], [8, 9, -100, -100, -100],
                                      [-100, 4, 5, 6, -100], [10, -100, -100, -100, -100]]
     assert b["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
     assert token_counts(b).tolist() == [1, 2, 3, 1]
-    p = collate(exs, "pairs", pad_id=0, padding_free=True)
+    p = collate(exs, PAIRS, pad_id=0, padding_free=True)
     assert p["input_ids"].tolist() == [[1, 2, 3, 7, 8, 9, 1, 2, 4, 5, 6, 7, 10]]
     assert p["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 4, 0, 1]]
     assert p["seq_ids"].tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3]]
@@ -62,7 +63,7 @@ def test_pair_collation_padded_and_packed():
 def test_padding_free_logprobs_equal_padded(tok, enc):
     import transformers
 
-    from redi_ds.config import LossConfig
+    from redi_ds.losses import loss_config
     from redi_ds.kernels import FusedHeadOptions
     from redi_ds.losses import build_loss
     from redi_ds.model import PolicyModel
@@ -71,18 +72,18 @@ def test_padding_free_logprobs_equal_padded(tok, enc):
     cfg = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
     hf = transformers.Qwen2ForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.float64)
-    model = PolicyModel(hf, build_loss(LossConfig(name="redi")), FusedHeadOptions(impl="reference")).eval()
+    model = PolicyModel(hf, build_loss(loss_config("redi")), FusedHeadOptions(impl="reference")).eval()
     rows = synthetic.pair_rows(synthetic.generate(3, seed=1))
     exs = [{"prompt_ids": enc.prompt_ids(r["prompt"]), "chosen_ids": enc.response_ids(r["chosen"]),
             "rejected_ids": enc.response_ids(r["rejected"])} for r in rows]
     with torch.no_grad():
-        _, padded, n1 = model.sequence_logprobs(collate(exs, "pairs", tok.pad_token_id))
-        _, packed, n2 = model.sequence_logprobs(collate(exs, "pairs", tok.pad_token_id, padding_free=True))
+        _, padded, n1 = model.sequence_logprobs(collate(exs, PAIRS, tok.pad_token_id))
+        _, packed, n2 = model.sequence_logprobs(collate(exs, PAIRS, tok.pad_token_id, padding_free=True))
     assert n1.tolist() == n2.tolist() and len(n1) == 6
     torch.testing.assert_close(packed, padded, rtol=1e-9, atol=1e-9)
     # and packing without position-aware masking would differ: the check can fail
     with torch.no_grad():
-        b = collate(exs, "pairs", tok.pad_token_id, padding_free=True)
+        b = collate(exs, PAIRS, tok.pad_token_id, padding_free=True)
         b["position_ids"] = torch.arange(b["input_ids"].shape[1])[None]
         _, leaked, _ = model.sequence_logprobs(b)
     assert not torch.allclose(leaked, padded)
@@ -92,7 +93,7 @@ def test_collate_counts_are_the_response_tokens():
     exs = [{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5, 6]},
            {"prompt_ids": [7], "chosen_ids": [8, 9], "rejected_ids": [10]}]
     for packed in (False, True):
-        b = collate(exs, "pairs", pad_id=0, padding_free=packed)
+        b = collate(exs, PAIRS, pad_id=0, padding_free=packed)
         assert b["counts"].tolist() == [1, 2, 3, 1] == token_counts(b).tolist()
 
 
@@ -104,7 +105,7 @@ def test_length_limits_skip_and_count(tok, enc):
         {"prompt": "word " * 300, "response": "ok"},
         {"prompt": "short", "response": "word " * 300},
     ])
-    kept, report = encode_dataset(ds, "sft", enc, max_prompt_length=100, max_length=200)
+    kept, report = encode_dataset(ds, SFT_ROWS, enc, max_prompt_length=100, max_length=200)
     assert len(kept) == 1 and report.total == 3 and report.kept == 1
     assert report.reasons == {"prompt_too_long": 1, "sequence_too_long": 1}
     assert "1/3 examples kept" in report.line()
@@ -119,9 +120,9 @@ def test_limits_are_exact_at_the_boundary(tok, enc):
     n = len(enc.response_ids(text))
     p = len(enc.prompt_ids("short"))
     ds = datasets.Dataset.from_list([{"prompt": "short", "response": text}])
-    assert len(encode_dataset(ds, "sft", enc, max_prompt_length=p, max_length=p + n)[0]) == 1
-    assert len(encode_dataset(ds, "sft", enc, max_prompt_length=p, max_length=p + n - 1)[0]) == 0
-    assert len(encode_dataset(ds, "sft", enc, max_prompt_length=p - 1, max_length=p + n)[0]) == 0
+    assert len(encode_dataset(ds, SFT_ROWS, enc, max_prompt_length=p, max_length=p + n)[0]) == 1
+    assert len(encode_dataset(ds, SFT_ROWS, enc, max_prompt_length=p, max_length=p + n - 1)[0]) == 0
+    assert len(encode_dataset(ds, SFT_ROWS, enc, max_prompt_length=p - 1, max_length=p + n)[0]) == 0
 
 
 def test_a_huge_row_is_skipped_without_tokenizing_it_all(tok, enc, monkeypatch):
@@ -139,7 +140,7 @@ def test_a_huge_row_is_skipped_without_tokenizing_it_all(tok, enc, monkeypatch):
     monkeypatch.setattr(enc, "_encode", spy)
     huge = "word " * 4_000_000  # 20 MB
     ds = datasets.Dataset.from_list([{"prompt": "short", "response": huge}, {"prompt": "short", "response": "ok"}])
-    kept, report = encode_dataset(ds, "sft", enc, max_prompt_length=100, max_length=512)
+    kept, report = encode_dataset(ds, SFT_ROWS, enc, max_prompt_length=100, max_length=512)
     assert report.reasons == {"sequence_too_long": 1} and len(kept) == 1
     assert max(seen) < 512 * 8 + 2048
 
@@ -149,18 +150,18 @@ def test_jsonl_that_is_not_utf8_names_the_line(tmp_path):
     good = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}).encode()
     f.write_bytes(good + b"\n" + good.replace(b'"a"', b'"caf\xe9"') + b"\n")
     with pytest.raises(DataError, match=rf"^{f}:2: not UTF-8 \(byte 0xe9 at column \d+\)$"):
-        load_source(str(f), "pairs")
+        load_source(str(f), PAIRS)
 
 
 def test_unsupported_and_corrupt_files_are_one_line_errors(tmp_path):
     csv = tmp_path / "pairs.csv"
     csv.write_text("prompt,chosen,rejected\np,a,b\n")
     with pytest.raises(DataError, match=r"pairs.csv: unsupported file type '.csv'"):
-        load_source(str(csv), "pairs")
+        load_source(str(csv), PAIRS)
     bad = tmp_path / "pairs.parquet"
     bad.write_bytes(b"PAR1 this is not really parquet")
     with pytest.raises(DataError, match=r"pairs.parquet: cannot read as Parquet") as e:
-        load_source(str(bad), "pairs")
+        load_source(str(bad), PAIRS)
     assert "\n" not in str(e.value)
 
 
@@ -169,18 +170,18 @@ def test_jsonl_errors_name_file_line_field(tmp_path):
     good = {"prompt": "p", "chosen": "a", "rejected": "b"}
     f.write_text("\n".join([json.dumps(good), json.dumps(good), "{not json", json.dumps(good)]) + "\n")
     with pytest.raises(DataError, match=rf"^{f}:3: invalid JSON"):
-        load_source(str(f), "pairs")
+        load_source(str(f), PAIRS)
     f.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
     with pytest.raises(DataError, match=rf"^{f}:2: missing field 'rejected'"):
-        load_source(str(f), "pairs")
+        load_source(str(f), PAIRS)
     f.write_text(json.dumps({"prompt": "p", "chosen": "", "rejected": "b"}) + "\n")
     with pytest.raises(DataError, match=rf"^{f}:1: field 'chosen' is empty"):
-        load_source(str(f), "pairs")
+        load_source(str(f), PAIRS)
     f.write_text(json.dumps({"problem": "p", "response": 3}) + "\n")
     with pytest.raises(DataError, match=rf"^{f}:1: field 'response' must be a string"):
-        load_source(str(f), "sft")
+        load_source(str(f), SFT_ROWS)
     f.write_text(json.dumps({"problem": "p", "response": "r"}) + "\n")
-    assert load_source(str(f), "sft")[0] == {"prompt": "p", "response": "r"}
+    assert load_source(str(f), SFT_ROWS)[0] == {"prompt": "p", "response": "r"}
 
 
 def test_disk_and_prepared_sources(tmp_path):
@@ -188,13 +189,13 @@ def test_disk_and_prepared_sources(tmp_path):
 
     datasets.Dataset.from_list([{"problem": "p", "response": "r", "answer": "1"}]).save_to_disk(str(tmp_path / "sft"))
     datasets.Dataset.from_list([{"prompt": "p", "chosen": "c", "rejected": "r"}]).save_to_disk(str(tmp_path / "pairs"))
-    assert load_source(str(tmp_path), "sft")[0] == {"prompt": "p", "response": "r"}
-    assert load_source(str(tmp_path), "pairs")[0] == {"prompt": "p", "chosen": "c", "rejected": "r"}
+    assert load_source(str(tmp_path), SFT_ROWS)[0] == {"prompt": "p", "response": "r"}
+    assert load_source(str(tmp_path), PAIRS)[0] == {"prompt": "p", "chosen": "c", "rejected": "r"}
     datasets.Dataset.from_list([{"prompt": "p", "chosen": None, "rejected": "r"}]).save_to_disk(str(tmp_path / "x"))
     with pytest.raises(DataError, match="x row 0: field 'chosen' must be a string"):
-        load_source(str(tmp_path / "x"), "pairs")
+        load_source(str(tmp_path / "x"), PAIRS)
     with pytest.raises(DataError, match="no such file"):
-        load_source(str(tmp_path / "missing" / "file.jsonl"), "pairs")
+        load_source(str(tmp_path / "missing" / "file.jsonl"), PAIRS)
 
 
 def test_synthetic_teacher_is_deterministic_and_flawed():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from redi_ds.config import LossConfig
+from redi_ds.losses import loss_config
 from redi_ds.losses import LOSSES, StepTotals, build_loss
 
 # two pairs: chosen rows first, then rejected rows
@@ -21,14 +21,14 @@ def test_registry():
 
 
 def test_sft_is_a_token_mean_over_the_step():
-    fn = build_loss(LossConfig(name="sft"))
+    fn = build_loss(loss_config("sft"))
     assert fn(LOGPS, COUNTS, StepTotals(examples=4, tokens=11)).item() == pytest.approx(31.0 / 11.0)
     # the same rows as one micro batch of a step with 40 response tokens: their share is 31 / 40
     assert fn(LOGPS, COUNTS, StepTotals(examples=16, tokens=40)).item() == pytest.approx(31.0 / 40.0)
 
 
 def test_redi_hand_computed():
-    fn = build_loss(LossConfig(name="redi", alpha=0.8))
+    fn = build_loss(loss_config("redi", alpha=0.8))
     loss = fn(LOGPS, COUNTS, ONE_STEP)
     # pair 1: -(-4/2) + 0.8 * (-12/4) = 2 - 2.4 = -0.4 ; pair 2: -(-9/3) + 0.8 * (-6/2) = 3 - 2.4 = 0.6
     assert loss.item() == pytest.approx((-0.4 + 0.6) / 2)
@@ -36,7 +36,7 @@ def test_redi_hand_computed():
     assert m["logp_chosen"].item() == pytest.approx((-2.0 - 3.0) / 2)
     assert m["logp_rejected"].item() == pytest.approx((-3.0 - 3.0) / 2)
     assert m["margin"].item() == pytest.approx(((-2 + 3) + (-3 + 3)) / 2)
-    alpha0 = build_loss(LossConfig(name="redi", alpha=0.0))(LOGPS, COUNTS, ONE_STEP)
+    alpha0 = build_loss(loss_config("redi", alpha=0.0))(LOGPS, COUNTS, ONE_STEP)
     assert alpha0.item() == pytest.approx((2.0 + 3.0) / 2)  # alpha = 0: SFT on positives, length-normalised
     # two pairs of a step of 8 pairs: their share is the sum of their terms / 8
     assert fn(LOGPS, COUNTS, StepTotals(examples=8, tokens=0)).item() == pytest.approx((-0.4 + 0.6) / 8)
@@ -44,7 +44,7 @@ def test_redi_hand_computed():
 
 @pytest.mark.parametrize("name", ["sft", "redi"])
 def test_linear_coefficients_are_the_gradient(name):
-    fn = build_loss(LossConfig(name=name, alpha=0.8))
+    fn = build_loss(loss_config(name))
     logps = LOGPS.clone().requires_grad_(True)
     loss = fn(logps, COUNTS, ONE_STEP)
     loss.backward()
@@ -55,7 +55,7 @@ def test_linear_coefficients_are_the_gradient(name):
 
 def test_dpo_hand_computed():
     ref = torch.tensor([-5.0, -8.0, -11.0, -7.0], dtype=torch.float64)
-    fn = build_loss(LossConfig(name="dpo", beta=0.5))
+    fn = build_loss(loss_config("dpo", beta=0.5))
     loss = fn(LOGPS, COUNTS, ONE_STEP, ref)
     # pair 1: (-4+5) - (-12+11) = 2 ; pair 2: (-9+8) - (-6+7) = -2
     expected = (-math.log(1 / (1 + math.exp(-1.0))) - math.log(1 / (1 + math.exp(1.0)))) / 2
@@ -66,7 +66,7 @@ def test_dpo_hand_computed():
 
 
 def test_simpo_hand_computed():
-    loss = build_loss(LossConfig(name="simpo", beta=2.0, gamma=1.0))(LOGPS, COUNTS, ONE_STEP)
+    loss = build_loss(loss_config("simpo", beta=2.0, gamma=1.0))(LOGPS, COUNTS, ONE_STEP)
     # pair 1: 2 * (-2 - -3) - 1 = 1 ; pair 2: 2 * (-3 - -3) - 1 = -1
     expected = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(1.0))) / 2
     assert loss.item() == pytest.approx(expected)
@@ -95,7 +95,7 @@ def test_step_objective_does_not_depend_on_the_split(name):
     counts = torch.tensor([3, 400, 17, 90, 1, 250, 33, 8] * (2 if s == 16 else 1))
     logps = -counts.double() * (0.5 + torch.rand(s, generator=g, dtype=torch.float64))
     ref = logps + torch.randn(s, generator=g, dtype=torch.float64)
-    fn = build_loss(LossConfig(name=name, beta=0.1 if name == "dpo" else 2.0))
+    fn = build_loss(loss_config(name))
     values = [_step_objective(fn, logps, counts, ref, splits) for splits in ([8], [4, 4], [2] * 4, [1] * 8)]
     assert values == pytest.approx([values[0]] * 4, rel=1e-12)
     if name == "sft":

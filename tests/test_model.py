@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from redi_ds.config import LossConfig, ModelConfig, TinyModelConfig
+from redi_ds.config import ModelConfig, TinyModelConfig
+from redi_ds.losses import loss_config
 from redi_ds.data.collate import collate
+from redi_ds.data.layout import PAIRS
 from redi_ds.kernels import FusedHeadOptions
 from redi_ds.losses import StepTotals, build_loss
 from redi_ds.model import PolicyModel, build_model, resolve_model_path
@@ -18,7 +20,7 @@ EXAMPLES = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, 10], "rejected_ids": 
 
 def _policy(impl="torch", gc=False, loss="redi"):
     hf = build_model(ModelConfig(tiny=TINY, gradient_checkpointing=gc), "tiny", torch.float64, seed=3)
-    return PolicyModel(hf, build_loss(LossConfig(name=loss, alpha=0.8)), FusedHeadOptions(impl=impl, chunk_size=3))
+    return PolicyModel(hf, build_loss(loss_config(loss)), FusedHeadOptions(impl=impl, chunk_size=3))
 
 
 def _loss_and_grads(model, batch):
@@ -30,7 +32,7 @@ def _loss_and_grads(model, batch):
 
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_fused_policy_matches_reference_and_grads_reach_tied_weight(padding_free):
-    batch = collate(EXAMPLES, "pairs", pad_id=0, padding_free=padding_free)
+    batch = collate(EXAMPLES, PAIRS, pad_id=0, padding_free=padding_free)
     fused, g_fused, m = _loss_and_grads(_policy("torch"), batch)
     ref, g_ref, _ = _loss_and_grads(_policy("reference"), batch)
     torch.testing.assert_close(fused, ref, rtol=1e-10, atol=1e-12)
@@ -45,7 +47,7 @@ def test_fused_policy_matches_reference_and_grads_reach_tied_weight(padding_free
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_grads():
-    batch = collate(EXAMPLES, "pairs", pad_id=0)
+    batch = collate(EXAMPLES, PAIRS, pad_id=0)
     a, ga, _ = _loss_and_grads(_policy(gc=False), batch)
     b, gb, _ = _loss_and_grads(_policy(gc=True), batch)
     assert _policy(gc=True).hf.model.gradient_checkpointing
@@ -55,7 +57,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads():
 
 
 def test_nonlinear_loss_runs_on_the_two_pass_path():
-    batch = collate(EXAMPLES, "pairs", pad_id=0)
+    batch = collate(EXAMPLES, PAIRS, pad_id=0)
     a, ga, _ = _loss_and_grads(_policy("torch", loss="simpo"), batch)
     b, gb, _ = _loss_and_grads(_policy("reference", loss="simpo"), batch)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -104,12 +106,12 @@ DIVERGE = [{"prompt_ids": [5, 6], "chosen_ids": [7, 8, 9, 10], "rejected_ids": [
 
 def test_collate_marks_the_divergent_span():
     """Rejected responses share a prefix with the chosen ones: 2 tokens (7, 8) for pair 1, none for pair 2."""
-    b = collate(DIVERGE, "pairs", pad_id=0)
+    b = collate(DIVERGE, PAIRS, pad_id=0)
     assert b["span_counts"].tolist() == [4, 2, 3, 3] and b["counts"].tolist() == [4, 2, 5, 3]
     # row 2 (rejected of pair 1) = [5, 6, 7, 8, 11, 12, 13]: position t predicts token t + 1
     assert b["targets"][2].tolist() == [-100, 7, 8, 11, 12, 13, -100]
     assert b["span_mask"][2].tolist() == [False, False, False, True, True, True, False]
-    p = collate(DIVERGE, "pairs", pad_id=0, padding_free=True)
+    p = collate(DIVERGE, PAIRS, pad_id=0, padding_free=True)
     assert p["span_counts"].tolist() == [4, 2, 3, 3]
     assert p["span_mask"][0][p["targets"][0] != -100].sum() == 12
 
@@ -123,9 +125,9 @@ def test_divergent_span_matches_a_float64_hand_computation(padding_free, impl):
 
     alpha = 0.8
     hf = build_model(ModelConfig(tiny=TINY), "tiny", torch.float64, seed=3)
-    model = PolicyModel(hf, build_loss(LossConfig(name="redi", alpha=alpha, negative_span="divergent")),
+    model = PolicyModel(hf, build_loss(loss_config("redi", alpha=alpha, negative_span="divergent")),
                         FusedHeadOptions(impl=impl, chunk_size=3))
-    batch = collate(DIVERGE, "pairs", pad_id=0, padding_free=padding_free)
+    batch = collate(DIVERGE, PAIRS, pad_id=0, padding_free=padding_free)
     totals = StepTotals(examples=2, tokens=int(batch["counts"].sum()))
     loss, metrics = model(batch, totals)
     loss.backward()

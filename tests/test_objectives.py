@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from trainutil import losses, run_configs
+from trainutil import ARITH, losses, run_configs
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def _args(loss: str, data, out, micro: int) -> list[str]:
             "--model.sft_if_missing", "false", "--train.global_batch_size", "4", "--train.micro_batch_size",
             str(micro), "--train.max_steps", "3", "--train.lr", "2e-3", "--train.warmup_ratio", "0",
             "--train.export", "false", "--tracking.enabled", "false", "--eval.heldout_every", "0",
-            "--deepspeed.zero", "{stage3_param_persistence_threshold: 0}", "--run.output_dir", str(out)]
+            "--deepspeed.zero", "{stage3_param_persistence_threshold: 0}", "--run.output_dir", str(out), *ARITH]
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,7 @@ def test_step_one_equals_the_objective_from_the_initial_model(runs, loss):
     """Independent of the trainer's bookkeeping: float64, the unfused head, the whole step's rows at once."""
     from redi_ds.config import load_config
     from redi_ds.data.collate import collate
+    from redi_ds.data.layout import PAIRS, SFT_ROWS
     from redi_ds.data.sources import load_source
     from redi_ds.data.tokenize import ChatEncoder, encode_dataset
     from redi_ds.model import build_model, load_tokenizer
@@ -85,13 +86,13 @@ def test_step_one_equals_the_objective_from_the_initial_model(runs, loss):
 
     cfg = load_config("tiny", stage=loss, overrides=_args(loss, runs / f"{'sft' if loss == 'sft' else 'pairs'}.jsonl",
                                                            runs / "x", 4)[4:])
-    kind = "sft" if loss == "sft" else "pairs"
+    layout = SFT_ROWS if loss == "sft" else PAIRS
     tok = load_tokenizer(cfg.model, "tiny")
-    data, _ = encode_dataset(load_source(cfg.data.path, kind), kind, ChatEncoder(tok, cfg.data.system_prompt),
+    data, _ = encode_dataset(load_source(cfg.data.path, layout), layout, ChatEncoder(tok, cfg.data.system_prompt),
                              cfg.data.max_prompt_length, cfg.data.max_length)
     rows = step_indices(len(data), 4, cfg.run.seed, 0, cfg.data.shuffle)
     model = build_model(cfg.model, "tiny", torch.float32, seed=cfg.run.seed).double().eval()  # the same init
-    batch = collate([data[i] for i in rows], kind, tok.pad_token_id)
+    batch = collate([data[i] for i in rows], layout, tok.pad_token_id)
     with torch.no_grad():
         hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              position_ids=batch["position_ids"]).last_hidden_state

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from redi_ds.data.collate import collate
+from redi_ds.data.layout import PAIRS, SFT_ROWS
 from redi_ds.parallel import SequenceParallel, packed_sdpa
 
 EXAMPLES = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, 10, 11], "rejected_ids": [12, 13]},
@@ -24,7 +25,7 @@ def _sp(rank: int, size: int = 2) -> SequenceParallel:
 def test_shards_tile_the_padded_batch(packed, size):
     """Rows of odd length are padded to a multiple of N; the shards, put back together, are the padded row;
     the targets (shifted on the whole row) cross shard boundaries; counts stay global."""
-    batch = collate(EXAMPLES, "pairs", pad_id=0, padding_free=packed)
+    batch = collate(EXAMPLES, PAIRS, pad_id=0, padding_free=packed)
     shards = [_sp(r, size).shard(batch) for r in range(size)]
     t = batch["input_ids"].shape[-1]
     width = -(-t // size) * size
@@ -45,7 +46,7 @@ def test_shards_tile_the_padded_batch(packed, size):
 
 def test_a_sequence_shorter_than_the_group():
     """Two tokens over three ranks: one shard holds padding only, and nothing is lost."""
-    batch = collate([{"prompt_ids": [1], "response_ids": [2]}], "sft", pad_id=0)
+    batch = collate([{"prompt_ids": [1], "response_ids": [2]}], SFT_ROWS, pad_id=0)
     shards = [_sp(r, 3).shard(batch) for r in range(3)]
     assert [s["input_ids"].shape[-1] for s in shards] == [1, 1, 1]
     assert sum(int((s["targets"] != -100).sum()) for s in shards) == 1

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from trainutil import ARITH
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -24,12 +25,13 @@ SBATCH = str(ROOT / "launch" / "slurm" / "train.sbatch")
 PIPELINE = str(ROOT / "launch" / "slurm" / "pipeline.sh")
 TRAIN = str(ROOT / "launch" / "train.py")
 
-# tiny config, small batches, ZeRO-3 really partitioned; 6 optimizer steps
-STEPS = 6
-FAST = ["--config", "tiny", "--data.synthetic_size", "32", "--train.global_batch_size", "4",
+# tiny config on the arith tokenizer, small batches, ZeRO-3 really partitioned; 30 optimizer steps (4 epochs of
+# 8): long enough that a USR1 sent after the first step lands before the last one
+STEPS = 30
+FAST = ["--config", "tiny", "--data.synthetic_size", "32", "--train.epochs", "4", "--train.global_batch_size", "4",
         "--train.micro_batch_size", "2", "--data.max_length", "384",
         "--deepspeed.zero", "{stage3_param_persistence_threshold: 0}", "--tracking.enabled", "false",
-        "--eval.benchmarks", "[]", "--eval.heldout_every", "0"]
+        "--eval.benchmarks", "[]", "--eval.heldout_every", "0", *ARITH]
 
 
 # ----------------------------------------------------------------------------- helpers

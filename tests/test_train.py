@@ -18,20 +18,23 @@ STEPS = ["--train.max_steps", "6", "--train.save_every", "3"]  # the shared sft_
 
 
 def _policy_loss(hf_model, data_rows=4):
-    """SFT loss of a model on the first rows of the tiny data, via the unfused reference head."""
-    from redi_ds.config import PAPER_SYSTEM_PROMPT, LossConfig, ModelConfig
+    """SFT loss of a model on the first rows of the tiny data, via the unfused reference head (the arith
+    tokenizer and template, no system prompt: what FAST trains with)."""
+    from redi_ds.config import ModelConfig
+    from redi_ds.losses import loss_config
     from redi_ds.data.collate import collate
+    from redi_ds.data.layout import SFT_ROWS
     from redi_ds.data.sources import load_source
     from redi_ds.data.tokenize import ChatEncoder, encode_dataset
     from redi_ds.kernels import FusedHeadOptions
     from redi_ds.losses import build_loss
     from redi_ds.model import PolicyModel, load_tokenizer
 
-    tok = load_tokenizer(ModelConfig(tokenizer="qwen2.5", chat_template="qwen2.5-math"), "tiny")
-    raw = load_source("synthetic", "sft", synthetic_size=data_rows, seed=42)
-    data, _ = encode_dataset(raw, "sft", ChatEncoder(tok, PAPER_SYSTEM_PROMPT), 256, 512)
-    model = PolicyModel(hf_model, build_loss(LossConfig(name="sft")), FusedHeadOptions(impl="reference")).eval()
-    batch = collate([data[i] for i in range(len(data))], "sft", tok.pad_token_id)
+    tok = load_tokenizer(ModelConfig(tokenizer="arith"), "tiny")
+    raw = load_source("synthetic", SFT_ROWS, synthetic_size=data_rows, seed=42)
+    data, _ = encode_dataset(raw, SFT_ROWS, ChatEncoder(tok, None), 256, 512)
+    model = PolicyModel(hf_model, build_loss(loss_config("sft")), FusedHeadOptions(impl="reference")).eval()
+    batch = collate([data[i] for i in range(len(data))], SFT_ROWS, tok.pad_token_id)
     with torch.no_grad():
         _, sums, counts = model.sequence_logprobs(batch)
     return (-sums.sum() / counts.sum()).item()
@@ -48,10 +51,10 @@ def test_zero3_loss_falls_and_every_parameter_changes(sft_run):
     ls = losses(stage)
     assert len(ls) == 6 and ls[-1] < ls[0] - 0.5, ls
     assert "6/6" in r.stderr or "6/6" in r.stdout  # rank-0 progress bar
-    cfg = load_config("tiny", stage="sft")
+    cfg = load_config("tiny", stage="sft", overrides=FAST[2:])  # the run's own model config (FAST[:2]: --config)
     init = build_model(cfg.model, "tiny", torch.float32, seed=cfg.run.seed).state_dict()
     trained = transformers.AutoModelForCausalLM.from_pretrained(stage / "export").state_dict()
-    assert set(init) == set(trained)
+    assert {k: v.shape for k, v in init.items()} == {k: v.shape for k, v in trained.items()}
     unchanged = [k for k in init if torch.equal(init[k], trained[k])]
     assert unchanged == [], unchanged
     saved = (stage / "checkpoints" / "step_6" / "config.yaml").read_text()
@@ -66,7 +69,8 @@ def test_export_reloads_with_the_checkpoint_loss(sft_run):
     stage = out / "sft"
     exported = transformers.AutoModelForCausalLM.from_pretrained(stage / "export")
     tok = transformers.AutoTokenizer.from_pretrained(stage / "export")
-    assert tok.chat_template and "boxed" in tok.chat_template
+    trained_with = (ROOT / "redi_ds" / "assets" / "tokenizer" / "arith" / "chat_template.jinja").read_text()
+    assert tok.chat_template == trained_with  # the template the run trained with ships with the export
     sd = get_fp32_state_dict_from_zero_checkpoint(str(stage / "checkpoints"), tag="step_6")
     ckpt = transformers.AutoModelForCausalLM.from_config(exported.config)
     ckpt.load_state_dict({k[len("hf."):]: v for k, v in sd.items()}, strict=False)

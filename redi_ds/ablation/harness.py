@@ -17,7 +17,6 @@ re-scores any export to the same number. MLflow: a parent run for the ablation, 
 from __future__ import annotations
 
 import json
-import shlex
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -323,7 +322,3 @@ def _broadcast_str(value: str) -> str:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def quote(argv: list[str]) -> str:
-    return " ".join(shlex.quote(a) for a in argv)

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import torch
 
+from redi_ds.data.layout import SFT_ROWS, RowLayout
 from redi_ds.kernels.reference import IGNORE_INDEX
 
 
-def _sequences(examples: list[dict], kind: str) -> list[tuple[list[int], int, int]]:
+def _sequences(examples: list[dict], layout: RowLayout) -> list[tuple[list[int], int, int]]:
     """(token ids, prompt length, span start) per sequence, in the order the losses expect. The span start is
     the response index where the sequence's divergent span begins: 0, except for a rejected response, where it
     is the length of the prefix it shares with the chosen one (its first token that departs from it)."""
-    if kind == "sft":
+    if layout == SFT_ROWS:
         return [(e["prompt_ids"] + e["response_ids"], len(e["prompt_ids"]), 0) for e in examples]
     chosen = [(e["prompt_ids"] + e["chosen_ids"], len(e["prompt_ids"]), 0) for e in examples]
     rejected = [(e["prompt_ids"] + e["rejected_ids"], len(e["prompt_ids"]),
@@ -55,8 +56,8 @@ def _span_flags(ids: list[int], prompt_len: int, start: int) -> list[bool]:
     return [t + 1 - prompt_len >= start for t in range(len(ids) - 1)] + [False]
 
 
-def collate(examples: list[dict], kind: str, pad_id: int, padding_free: bool = False) -> dict:
-    seqs = _sequences(examples, kind)
+def collate(examples: list[dict], layout: RowLayout, pad_id: int, padding_free: bool = False) -> dict:
+    seqs = _sequences(examples, layout)
     if padding_free:
         ids = [t for s, _, _ in seqs for t in s]
         pos = [i for s, _, _ in seqs for i in range(len(s))]

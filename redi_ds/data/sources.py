@@ -1,9 +1,10 @@
 """Where training rows come from, each source found through a small registry.
 
-``load_source(path, kind, split)`` returns a ``datasets.Dataset`` with the canonical columns:
+``load_source(path, layout, split)`` returns a ``datasets.Dataset`` with the layout's canonical columns
+(``redi_ds.data.layout``):
 
-- kind ``"sft"``:   ``prompt``, ``response``
-- kind ``"pairs"``: ``prompt``, ``chosen``, ``rejected``
+- ``SFT_ROWS``: ``prompt``, ``response``
+- ``PAIRS``:    ``prompt``, ``chosen``, ``rejected``
 
 Accepted field names: ``problem`` or ``prompt`` for the prompt; everything else as named. Every row is
 checked: a missing field, a non-string or an empty text is a one-line :class:`DataError` naming the
@@ -18,14 +19,14 @@ from pathlib import Path
 from typing import Callable
 
 from redi_ds.data.errors import DataError
+from redi_ds.data.layout import PAIRS, SFT_ROWS, RowLayout
 
-FIELDS = {"sft": ("prompt", "response"), "pairs": ("prompt", "chosen", "rejected")}
 PROMPT_ALIASES = ("prompt", "problem")
 
 
-def _canonical(row: dict, kind: str, where: Callable[[str], str]) -> dict:
+def _canonical(row: dict, layout: RowLayout, where: Callable[[str], str]) -> dict:
     out = {}
-    for name in FIELDS[kind]:
+    for name in layout.fields:
         if name == "prompt":
             key = next((k for k in PROMPT_ALIASES if k in row), None)
             if key is None:
@@ -43,7 +44,7 @@ def _canonical(row: dict, kind: str, where: Callable[[str], str]) -> dict:
     return out
 
 
-def _from_jsonl(path: str, kind: str, split: str):
+def _from_jsonl(path: str, layout: RowLayout, split: str):
     import datasets
 
     rows = []
@@ -62,30 +63,30 @@ def _from_jsonl(path: str, kind: str, split: str):
                 raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(_canonical(row, kind, lambda field: f"{path}:{lineno}"))
+            rows.append(_canonical(row, layout, lambda field: f"{path}:{lineno}"))
     if not rows:
         raise DataError(f"{path}: no rows")
     return datasets.Dataset.from_list(rows)
 
 
-def _check_dataset(ds, kind: str, label: str):
+def _check_dataset(ds, layout: RowLayout, label: str):
     cols = set(ds.column_names)
-    for name in FIELDS[kind]:
+    for name in layout.fields:
         names = PROMPT_ALIASES if name == "prompt" else (name,)
         if not cols.intersection(names):
             raise DataError(f"{label}: missing field {name!r} (columns: {', '.join(sorted(cols))})")
     if len(ds) == 0:
         raise DataError(f"{label}: no rows")
     prompt_col = next(k for k in PROMPT_ALIASES if k in cols)
-    ds = ds.select_columns([prompt_col] + [c for c in FIELDS[kind] if c != "prompt"])
+    ds = ds.select_columns([prompt_col] + [c for c in layout.fields if c != "prompt"])
     for i, row in enumerate(ds):  # streams through Arrow: validates without holding rows
-        _canonical(row, kind, lambda field: f"{label} row {i}")
+        _canonical(row, layout, lambda field: f"{label} row {i}")
     if prompt_col != "prompt":
         ds = ds.rename_column(prompt_col, "prompt")
     return ds
 
 
-def _from_disk(path: str, kind: str, split: str):
+def _from_disk(path: str, layout: RowLayout, split: str):
     import datasets
 
     try:
@@ -97,17 +98,17 @@ def _from_disk(path: str, kind: str, split: str):
         if split not in ds:
             raise DataError(f"{path}: no split {split!r} (splits: {', '.join(ds)})")
         ds = ds[split]
-    return _check_dataset(ds, kind, path)
+    return _check_dataset(ds, layout, path)
 
 
-def _from_prepared(path: str, kind: str, split: str):
-    sub = os.path.join(path, "sft" if kind == "sft" else "pairs")
+def _from_prepared(path: str, layout: RowLayout, split: str):
+    sub = os.path.join(path, layout.name)
     if not os.path.isdir(sub):
         raise DataError(f"{path}: a prepared data folder without {os.path.basename(sub)}/ (run redi_ds.data.prepare)")
-    return _from_disk(sub, kind, split)
+    return _from_disk(sub, layout, split)
 
 
-def _from_files(path: str, kind: str, split: str):
+def _from_files(path: str, layout: RowLayout, split: str):
     import datasets
 
     if not path.endswith(".parquet"):
@@ -118,10 +119,10 @@ def _from_files(path: str, kind: str, split: str):
     except Exception as e:  # noqa: BLE001 - a corrupt or truncated file becomes one line
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise DataError(f"{path}: cannot read as Parquet ({type(e).__name__}: {first})") from None
-    return _check_dataset(ds, kind, path)
+    return _check_dataset(ds, layout, path)
 
 
-def _from_hub(path: str, kind: str, split: str):
+def _from_hub(path: str, layout: RowLayout, split: str):
     import datasets
 
     try:
@@ -129,17 +130,17 @@ def _from_hub(path: str, kind: str, split: str):
     except Exception as e:  # noqa: BLE001 - any hub/IO failure becomes one line
         raise DataError(f"{path}: not a local file or folder, and loading it as a dataset name failed "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    return _check_dataset(ds, kind, path)
+    return _check_dataset(ds, layout, path)
 
 
-def _from_synthetic(path: str, kind: str, split: str, *, size: int = 256, seed: int = 0):
+def _from_synthetic(path: str, layout: RowLayout, split: str, *, size: int = 256, seed: int = 0):
     import datasets
 
     from redi_ds.data import synthetic
 
     problems = synthetic.generate(size, seed)
-    rows = synthetic.sft_rows(problems) if kind == "sft" else synthetic.pair_rows(problems)
-    return datasets.Dataset.from_list([_canonical(r, kind, lambda f: "synthetic") for r in rows])
+    rows = {SFT_ROWS: synthetic.sft_rows, PAIRS: synthetic.pair_rows}[layout](problems)
+    return datasets.Dataset.from_list([_canonical(r, layout, lambda f: "synthetic") for r in rows])
 
 
 SOURCES: dict[str, Callable] = {
@@ -159,7 +160,7 @@ def detect_source(path: str) -> str:
         return "jsonl" if path.endswith((".jsonl", ".json")) else "files"
     if os.path.isdir(path):
         p = Path(path)
-        if (p / "sft").is_dir() or (p / "pairs").is_dir():
+        if any((p / layout.name).is_dir() for layout in (SFT_ROWS, PAIRS)):
             return "prepared"
         if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists():
             return "disk"
@@ -169,10 +170,8 @@ def detect_source(path: str) -> str:
     return "hub"
 
 
-def load_source(path: str, kind: str, split: str = "train", *, synthetic_size: int = 256, seed: int = 0):
-    if kind not in FIELDS:
-        raise ValueError(f"kind must be one of {list(FIELDS)}")
+def load_source(path: str, layout: RowLayout, split: str = "train", *, synthetic_size: int = 256, seed: int = 0):
     name = detect_source(path)
     if name == "synthetic":
-        return _from_synthetic(path, kind, split, size=synthetic_size, seed=seed)
-    return SOURCES[name](path, kind, split)
+        return _from_synthetic(path, layout, split, size=synthetic_size, seed=seed)
+    return SOURCES[name](path, layout, split)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from redi_ds.data.errors import DataError
+from redi_ds.data.layout import RowLayout
 
 _PROBE = "\u2063RESPONSE\u2063"
 ENCODE_VERSION = 1  # part of the cache fingerprint: bump when encode_dataset's output changes
@@ -105,7 +106,7 @@ class SkipReport:
         return f"{self.kept}/{self.total} examples kept; skipped by reason: {why}"
 
 
-def encode_dataset(ds, kind: str, encoder: ChatEncoder, max_prompt_length: int, max_length: int,
+def encode_dataset(ds, layout: RowLayout, encoder: ChatEncoder, max_prompt_length: int, max_length: int,
                    num_proc: Optional[int] = None):
     """Tokenize a canonical dataset (see sources.py) and drop examples over the limits.
 
@@ -114,7 +115,7 @@ def encode_dataset(ds, kind: str, encoder: ChatEncoder, max_prompt_length: int, 
     and ``num_targets``: the example's response tokens (chosen + rejected for pairs), the tokens its loss
     terms count. Returns (dataset, SkipReport).
     """
-    responses = ("response",) if kind == "sft" else ("chosen", "rejected")
+    responses = layout.responses
 
     def encode(batch):
         out: dict = {"prompt_ids": [], **{f"{n}_ids": [] for n in responses}, "num_targets": [], "skip": []}
@@ -132,7 +133,7 @@ def encode_dataset(ds, kind: str, encoder: ChatEncoder, max_prompt_length: int, 
 
     # an explicit fingerprint: datasets would otherwise hash ``encode`` by pickling its closure, tokenizer
     # included (10 s for Qwen's 151k vocabulary, on every run: measured)
-    key = json.dumps([ENCODE_VERSION, getattr(ds, "_fingerprint", ""), kind, max_prompt_length, max_length,
+    key = json.dumps([ENCODE_VERSION, getattr(ds, "_fingerprint", ""), layout.name, max_prompt_length, max_length,
                       encoder.fingerprint()])
     enc = ds.map(encode, batched=True, remove_columns=ds.column_names, num_proc=num_proc,
                  desc="tokenize" if num_proc else None,

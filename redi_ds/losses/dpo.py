@@ -5,14 +5,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 
-from redi_ds.losses.base import SequenceLoss, per_pair, register_loss
+from redi_ds.losses.base import LossConfig, SequenceLoss, finite, per_pair, register_loss
+
+
+@dataclass
+class DPOConfig(LossConfig):
+    name: str = "dpo"
+    beta: float = 0.1  # > 0: the strength of the implicit KL to the reference (<= 0 inverts the preference)
+
+    def __post_init__(self):
+        finite("loss", beta=self.beta)
+        if self.beta <= 0:
+            raise ValueError(f"loss.beta = {self.beta}; DPO's beta must be > 0 (<= 0 inverts the preference)")
 
 
 @register_loss
 class DPOLoss(SequenceLoss):
     name = "dpo"
+    Config = DPOConfig
     needs_reference = True
 
     def __init__(self, beta: float = 0.1):

@@ -17,21 +17,39 @@ the fused head as per-token coefficients (``span_mask`` and ``span_counts`` of t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from redi_ds.losses.base import SequenceLoss, StepTotals, register_loss
+from redi_ds.losses.base import LossConfig, SequenceLoss, StepTotals, finite, register_loss
+
+SPANS = ("all", "divergent")
+
+
+@dataclass
+class REDIConfig(LossConfig):
+    name: str = "redi"
+    alpha: float = 0.8  # weight of the rejected term, in [0, 1] (the paper: 0.8)
+    negative_span: str = "all"  # all (the paper's loss) | divergent (see the module doc)
+
+    def __post_init__(self):
+        finite("loss", alpha=self.alpha)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"loss.alpha = {self.alpha}; REDI's alpha lies in [0, 1]")
+        if self.negative_span not in SPANS:
+            raise ValueError(f"loss.negative_span = {self.negative_span!r}; expected all or divergent")
 
 
 @register_loss
 class REDILoss(SequenceLoss):
     name = "redi"
+    Config = REDIConfig
     linear = True
 
     def __init__(self, alpha: float = 0.8, negative_span: str = "all"):
         super().__init__()
-        if negative_span not in ("all", "divergent"):
-            raise ValueError(f"negative_span = {negative_span!r}; expected all or divergent")
+        REDIConfig(alpha=alpha, negative_span=negative_span)  # the same checks as the config
         self.alpha = float(alpha)
         self.divergent = negative_span == "divergent"
 

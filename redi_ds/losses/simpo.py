@@ -5,14 +5,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 
-from redi_ds.losses.base import SequenceLoss, per_pair, register_loss
+from redi_ds.losses.base import LossConfig, SequenceLoss, finite, per_pair, register_loss
+
+
+@dataclass
+class SimPOConfig(LossConfig):
+    name: str = "simpo"
+    beta: float = 2.0  # > 0: the reward scale
+    gamma: float = 1.0  # the target reward margin, subtracted inside the sigmoid
+
+    def __post_init__(self):
+        finite("loss", beta=self.beta, gamma=self.gamma)
+        if self.beta <= 0:
+            raise ValueError(f"loss.beta = {self.beta}; SimPO's beta must be > 0 (<= 0 inverts the preference)")
 
 
 @register_loss
 class SimPOLoss(SequenceLoss):
     name = "simpo"
+    Config = SimPOConfig
 
     def __init__(self, beta: float = 2.0, gamma: float = 1.0):
         super().__init__()
