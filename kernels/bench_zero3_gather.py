@@ -64,8 +64,8 @@ def main(argv=None) -> int:
     install_probe(counts)
     real_init = model_mod.FusedHead.__init__
 
-    def mark_head(self, lm_head, options):  # tag the head's Parameter so the probe can tell it apart
-        real_init(self, lm_head, options)
+    def mark_head(self, lm_head, options, *rest):  # tag the head's Parameter so the probe can tell it apart
+        real_init(self, lm_head, options, *rest)
         self.weight._redi_is_head = True
 
     model_mod.FusedHead.__init__ = mark_head

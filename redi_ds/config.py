@@ -65,8 +65,8 @@ class ModelConfig:
     tokenizer: Optional[str] = None  # None: the model's own; "qwen2.5": the bundled Qwen2.5 tokenizer; or a path
     chat_template: Optional[str] = None  # None: the tokenizer's own; "qwen2.5-math"; or a .jinja path
     sft_if_missing: bool = False  # when name_or_path is a missing SFT export, run the sft stage first
-    attn_implementation: str = "auto"  # auto: flash_attention_2 when installed on CUDA, else sdpa
-    liger: str = "auto"  # auto | on | off: Liger-Kernel's Qwen2 body kernels (RMSNorm, RoPE, SwiGLU) on CUDA
+    attn_implementation: str = "auto"  # auto: what the family supports (flash-attention 2 on CUDA, sdpa, eager)
+    liger: str = "auto"  # auto | on | off: Liger-Kernel's body kernels for this family (Liger's own table), on CUDA
     gradient_checkpointing: bool = False
     rope_theta: Optional[float] = None  # override the model config's value
     max_position_embeddings: Optional[int] = None

@@ -24,6 +24,7 @@ from redi_ds.data.collate import per_position
 from redi_ds.eval.errors import EvalError
 from redi_ds.eval.prompting import resolve_chat_template, resolve_tokenizer
 from redi_ds.kernels.options import FusedHeadOptions
+from redi_ds.kernels.transform import IDENTITY, LogitTransform
 from redi_ds.losses.base import StepTotals
 
 def resolve_model_path(name_or_path: str, output_dir: str) -> str:
@@ -54,53 +55,87 @@ def load_tokenizer(model_cfg: ModelConfig, model_path: str):
     return tok
 
 
-def _attn_impl(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        try:
-            import flash_attn  # noqa: F401
+def causal_lm_class(config):
+    """The family's ForCausalLM class; a one-line ConfigError for a config transformers has none for."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise ConfigError(f"model ({config.model_type}): transformers has no causal LM class for this config "
+                          "(not a decoder-only language model?)") from None
+
+
+def attention_for(model_cls, requested: str, cuda: bool) -> str:
+    """``auto``: flash-attention on CUDA where it is installed and the family supports it, else sdpa where the
+    family supports it, else eager. An implementation the family does not support is a one-line ConfigError."""
+    supports = {"flash_attention_2": model_cls._supports_flash_attn, "sdpa": model_cls._supports_sdpa, "eager": True}
+    if requested != "auto":
+        if not supports.get(requested, False):
+            raise ConfigError(f"model.attn_implementation = {requested}: {model_cls.__name__} does not support it "
+                              f"(supported: {', '.join(k for k, ok in supports.items() if ok)}; or auto)")
+        return requested
+    if cuda and supports["flash_attention_2"]:
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
+    return "sdpa" if supports["sdpa"] else "eager"
+
+
+def _tiny_config(model_cfg: ModelConfig, tokenizer):
+    """The embedded default: a Qwen2-architecture config of model.tiny's sizes (special tokens from ``tokenizer``:
+    Qwen's when None)."""
+    import transformers
+
+    t = model_cfg.tiny
+    bos, eos = 151643, 151645  # Qwen2.5's <|endoftext|>, <|im_end|>
+    if tokenizer is not None:
+        if len(tokenizer) > t.vocab_size:
+            raise ConfigError(f"model.tiny.vocab_size = {t.vocab_size} is smaller than the tokenizer's "
+                              f"{len(tokenizer)} tokens")
+        eos = tokenizer.eos_token_id
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id
+    return transformers.Qwen2Config(
+        hidden_size=t.hidden_size, intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
+        vocab_size=t.vocab_size, max_position_embeddings=t.max_position_embeddings, rope_theta=t.rope_theta,
+        tie_word_embeddings=t.tie_word_embeddings, bos_token_id=bos, eos_token_id=eos,
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
 def build_model(model_cfg: ModelConfig, model_path: str, dtype: torch.dtype, seed: int = 0, tokenizer=None):
-    """An HF causal LM: the tiny default built from its config (its special tokens from ``tokenizer``: Qwen's
-    when None), or from_pretrained(path or hub name)."""
+    """An HF causal LM: the tiny default built from its config, or from_pretrained(path or hub name), with the
+    attention implementation its family supports. A model that cannot load is a one-line ConfigError."""
     import transformers
 
-    attn = _attn_impl(model_cfg.attn_implementation)
     if model_path == "tiny":
-        t = model_cfg.tiny
-        bos, eos = 151643, 151645  # Qwen2.5's <|endoftext|>, <|im_end|>
-        if tokenizer is not None:
-            if len(tokenizer) > t.vocab_size:
-                raise ConfigError(f"model.tiny.vocab_size = {t.vocab_size} is smaller than the tokenizer's "
-                                  f"{len(tokenizer)} tokens")
-            eos = tokenizer.eos_token_id
-            bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id
-        config = transformers.Qwen2Config(
-            hidden_size=t.hidden_size, intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
-            num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
-            vocab_size=t.vocab_size, max_position_embeddings=t.max_position_embeddings, rope_theta=t.rope_theta,
-            tie_word_embeddings=t.tie_word_embeddings, bos_token_id=bos, eos_token_id=eos,
-        )
-        _override_rope(config, model_cfg)
-        torch.manual_seed(seed)  # every rank builds the same initial weights
-        model = transformers.Qwen2ForCausalLM._from_config(config, attn_implementation=attn, dtype=dtype)
+        config = _tiny_config(model_cfg, tokenizer)
     else:
         if os.path.sep in model_path and not os.path.isdir(model_path):
             raise ConfigError(f"model.name_or_path: {model_path!r} does not exist")
-        config = transformers.AutoConfig.from_pretrained(model_path)
-        _override_rope(config, model_cfg)
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                model_path, config=config, dtype=dtype, attn_implementation=attn)
-        except OSError as e:
-            raise ConfigError(f"model.name_or_path: cannot load {model_path!r} ({str(e).splitlines()[0]})") from None
+            config = transformers.AutoConfig.from_pretrained(model_path)
+        except Exception as e:  # noqa: BLE001 - any failure to read a config is one line
+            raise ConfigError(f"model.name_or_path: cannot read the config of {model_path!r} ({_first_line(e)})"
+                              ) from None
+    _override_rope(config, model_cfg)
+    cls = causal_lm_class(config)
+    attn = attention_for(cls, model_cfg.attn_implementation, torch.cuda.is_available())
+    try:
+        if model_path == "tiny":
+            torch.manual_seed(seed)  # every rank builds the same initial weights
+            model = cls._from_config(config, attn_implementation=attn, dtype=dtype)
+        else:
+            model = cls.from_pretrained(model_path, config=config, dtype=dtype, attn_implementation=attn)
+    except Exception as e:  # noqa: BLE001 - a model that cannot load is one line, never a traceback
+        raise ConfigError(f"model.name_or_path: cannot load {model_path!r} as {cls.__name__} with "
+                          f"attention {attn} ({_first_line(e)})") from None
     if model_cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -118,23 +153,6 @@ def _override_rope(config, model_cfg: ModelConfig) -> None:
             rp["rope_theta"] = model_cfg.rope_theta
     if model_cfg.max_position_embeddings is not None:
         config.max_position_embeddings = model_cfg.max_position_embeddings
-
-
-def apply_liger(model, mode: str) -> bool:
-    """Liger-Kernel's Qwen2 body kernels (RMSNorm, RoPE, SwiGLU; not its cross-entropy) on CUDA."""
-    if mode == "off" or not torch.cuda.is_available():
-        if mode == "on" and not torch.cuda.is_available():
-            raise ConfigError("model.liger: on needs CUDA")
-        return False
-    try:
-        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
-    except ImportError:
-        if mode == "on":
-            raise ConfigError("model.liger: on, but liger-kernel is not installed (pip install redi-ds[gpu])")
-        return False
-    apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                fused_linear_cross_entropy=False, model=model)
-    return True
 
 
 class Unhooked:
@@ -157,11 +175,12 @@ class FusedHead(nn.Module):
     same call hides from DeepSpeed's backward hooks (see PolicyModel: tied heads only).
     """
 
-    def __init__(self, lm_head: nn.Linear, options: FusedHeadOptions):
+    def __init__(self, lm_head: nn.Linear, options: FusedHeadOptions, transform: LogitTransform = IDENTITY):
         super().__init__()
         self.weight = lm_head.weight
         self.bias = lm_head.bias
         self.options = options
+        self.transform = transform  # what the family's forward does to the logits (redi_ds.families)
 
     def forward(self, hidden, targets=None, seq_ids=None, num_seqs=None, coeffs=None, token_coeffs=None):
         if isinstance(hidden, Unhooked):
@@ -173,42 +192,53 @@ class FusedHead(nn.Module):
 
         if coeffs is not None or token_coeffs is not None:
             return kernels.fused_linear_loss(hidden, self.weight, targets, coeffs, self.bias, seq_ids, num_seqs,
-                                             token_coeffs=token_coeffs, options=self.options)
+                                             token_coeffs=token_coeffs, options=self.options,
+                                             transform=self.transform)
         sums, counts = kernels.fused_sequence_logprobs(hidden, self.weight, targets, self.bias, seq_ids, num_seqs,
-                                                       options=self.options)
+                                                       options=self.options, transform=self.transform)
         return None, sums, counts
 
 
 class PolicyModel(nn.Module):
     """The trained module: HF body + fused head + a sequence loss.
 
-    ``forward(batch, totals, ref_logps)`` -> (this micro batch's share of the step objective, metrics).
+    The body and the head are found generically (``redi_ds.families.body_and_head``: ``get_decoder()``,
+    ``get_output_embeddings()``); the head is replaced in place (``set_output_embeddings``) by a FusedHead that
+    holds the same Parameters and applies the family's post-head transform. ``forward(batch, totals, ref_logps)``
+    -> (this micro batch's share of the step objective, metrics).
     """
 
     def __init__(self, hf_model, loss_fn, head_options: FusedHeadOptions, sp=None):
+        from redi_ds.families import body_and_head, transform_for
+
         super().__init__()
         self.hf = hf_model
         self.sp = sp  # redi_ds.parallel.SequenceParallel: in training, each rank sees its shard of every row
+        _, head = body_and_head(hf_model)
         # Tied head (Qwen2.5-1.5B): the embedding's backward gathers the shared weight anyway, and ZeRO-3
         # accumulates the head's gradient into it then, so the one-pass head can hide from the backward
         # hooks and save a [V, H] gather. An untied head cannot: ZeRO-3 accumulates a gradient into the
         # resident parameter, so its weight must be gathered when its gradient arrives.
-        self.tied = hf_model.lm_head.weight is hf_model.get_input_embeddings().weight
-        self.hf.lm_head = FusedHead(hf_model.lm_head, head_options)
+        self.tied = head.weight is hf_model.get_input_embeddings().weight
+        hf_model.set_output_embeddings(FusedHead(head, head_options, transform_for(hf_model.config)))
         self.loss_fn = loss_fn
         _quiet_deepspeed_about_unhooked()
+
+    @property
+    def head(self) -> "FusedHead":
+        return self.hf.get_output_embeddings()
 
     def sequence_logprobs(self, batch: dict, coeffs: Optional[torch.Tensor] = None,
                           token_coeffs: Optional[torch.Tensor] = None):
         """(share or None, sums [S], counts [S]); with ``coeffs`` (per sequence) or ``token_coeffs`` (per
         position) the one-pass linear form."""
-        out = self.hf.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            position_ids=batch["position_ids"], use_cache=False)
+        out = self.hf.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    position_ids=batch["position_ids"], use_cache=False)
         hidden = out.last_hidden_state  # [R, T, H]
         args = (hidden, batch["targets"], batch["seq_ids"], batch["num_seqs"], coeffs, token_coeffs)
         if (coeffs is not None or token_coeffs is not None) and self.tied:
-            return self.hf.lm_head(Unhooked(args)).value
-        return self.hf.lm_head(*args)
+            return self.head(Unhooked(args)).value
+        return self.head(*args)
 
     def forward(self, batch: dict, totals: StepTotals, ref_logps: Optional[torch.Tensor] = None):
         """Under sequence parallelism (training only) the shares of an SP group's ranks add up to the micro
@@ -261,14 +291,17 @@ def export_hf(state_dict: dict, hf_model, tokenizer, out_dir: str) -> None:
 
     sd = {k[len("hf."):]: v.detach().cpu() for k, v in state_dict.items() if k.startswith("hf.")}
     dtype = next(iter(sd.values())).dtype  # export in the training precision (bf16 stays bf16)
-    # a plain attention in the saved model (training may have switched to Ulysses' packed core attention)
-    fresh = transformers.AutoModelForCausalLM.from_config(hf_model.config, attn_implementation="sdpa").to(dtype)
+    # an attention the family supports everywhere (training may have used flash-attention or Ulysses' core)
+    cls = causal_lm_class(hf_model.config)
+    fresh = transformers.AutoModelForCausalLM.from_config(
+        hf_model.config, attn_implementation=attention_for(cls, "auto", cuda=False)).to(dtype)
     missing, unexpected = fresh.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and hf_model.config.tie_word_embeddings)]
+    fresh.tie_weights()
+    tied = {name for name, p in fresh.named_parameters(remove_duplicate=False)
+            if p is fresh.get_input_embeddings().weight}  # a tied head's key is its embedding's
+    missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise RuntimeError(f"export: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if hf_model.config.tie_word_embeddings:
-        fresh.tie_weights()
     fresh.config.use_cache = True
     fresh.generation_config.use_cache = True  # training turned the KV cache off; generation wants it
     fresh.save_pretrained(out_dir, safe_serialization=True)

@@ -150,6 +150,10 @@ def setup(hf_model, size: int, rows_per_forward: int, pad_id: int) -> Optional[S
         raise ConfigError(f"deepspeed.sequence_parallel_size = {size}: the model's {heads} attention heads "
                           f"({kv} key/value heads) do not split over {size} ranks; choose a divisor of {heads}")
     core = hf_model.config._attn_implementation
+    if core == "eager":  # Ulysses drops the 4D mask eager needs: it would attend across sequences and the future
+        raise ConfigError(f"deepspeed.sequence_parallel_size = {size}: the model's attention is eager (its family, "
+                          f"{hf_model.config.model_type}, supports no sdpa here); sequence parallelism needs sdpa "
+                          "or flash_attention_2")
     if core in (None, "sdpa", PACKED_SDPA):
         register_packed_sdpa()
         hf_model.set_attn_implementation(PACKED_SDPA)

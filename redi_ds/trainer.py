@@ -179,7 +179,8 @@ def build(cfg: Config) -> Run:
     import deepspeed
 
     from redi_ds import ds_config
-    from redi_ds.model import PolicyModel, apply_liger, build_model, load_tokenizer, resolve_model_path
+    from redi_ds.families import apply_liger, self_check
+    from redi_ds.model import PolicyModel, build_model, load_tokenizer, resolve_model_path
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     # everything a user can get wrong is checked before the data load and the process group
@@ -205,6 +206,7 @@ def build(cfg: Config) -> Run:
 
     hf_model = build_model(cfg.model, model_path, torch.float32 if precision == "fp16" else DTYPES[precision],
                            cfg.run.seed, tokenizer)
+    log0(self_check(hf_model, tokenizer, cfg.kernel, cfg.data.padding_free))  # exact, or one line and exit 2
     apply_liger(hf_model, cfg.model.liger)
     rows = 1 if cfg.data.padding_free else cfg.train.micro_batch_size * loss_fn.layout.sequences_per_example
     sp = parallel.setup(hf_model, cfg.deepspeed.sequence_parallel_size, rows, tokenizer.pad_token_id)

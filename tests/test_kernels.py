@@ -20,6 +20,7 @@ import torch
 
 from redi_ds.kernels import (
     FusedHeadOptions,
+    sequence_logprobs_from_logits,
     fused_linear_loss,
     fused_sequence_logprobs,
     reference_sequence_logprobs,
@@ -117,6 +118,50 @@ def test_linear_loss_without_bias_and_no_grad(impl):
     assert not loss.requires_grad
     _assert_close(loss, (coeffs.double() * rsums).sum(), _tol(dtype), "loss (no grad)")
     _assert_close(sums, rsums, _tol(dtype), "sums (no grad)")
+
+
+# ------------------------------------------------------------------------------------ post-head transforms
+TRANSFORMS = {"cohere-scale": dict(scale=0.0625), "granite-divisor": dict(scale=1 / 8),
+              "gemma-softcap": dict(softcap=30.0), "softcap-and-scale": dict(scale=2.0, softcap=5.0)}
+
+
+def _oracle_logits(h, w, b, scale=1.0, softcap=None):
+    """The model's own post-head code, written out here (independent of redi_ds.kernels.transform)."""
+    z = torch.nn.functional.linear(h, w, b) * scale
+    return softcap * torch.tanh(z / softcap) if softcap is not None else z
+
+
+@pytest.mark.parametrize("form", ["one_pass", "two_pass"])
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_post_head_transforms_are_exact(impl, name, form):
+    """Softcaps and logit scales inside the head, against float64 autograd of the written-out formula: the sums
+    and every gradient (the softcap's 1 - tanh^2 factor included). The raw logits have std ~8, so a softcap of 30
+    is far from the identity."""
+    from redi_ds.kernels import LogitTransform
+
+    dtype = _dtype(impl)
+    hidden, weight, bias, labels = _batch(dtype=dtype, seed=4)
+    with torch.no_grad():
+        weight.mul_(3.3)  # raw logits std ~8
+    coeffs = torch.tensor([-0.7, 0.25, 1.3], dtype=torch.float64)
+    t = LogitTransform(**TRANSFORMS[name])
+    opts = _opts(impl, 7)
+    if form == "one_pass":
+        loss, sums, _ = fused_linear_loss(hidden, weight, labels, coeffs, bias, options=opts, transform=t)
+        (loss * 1.7).backward()
+    else:
+        sums, _ = fused_sequence_logprobs(hidden, weight, labels, bias, options=opts, transform=t)
+        ((coeffs.to(dtype) * sums).sum() * 1.7).backward()
+    rh, rw, rb = _as_reference(hidden, weight, bias)
+    rsums, _ = sequence_logprobs_from_logits(_oracle_logits(rh, rw, rb, **TRANSFORMS[name]), labels)
+    ((coeffs * rsums).sum() * 1.7).backward()
+    plain, _ = sequence_logprobs_from_logits(_oracle_logits(rh, rw, rb), labels)
+    assert (plain - rsums).abs().max() > 1.0  # the transform matters at this scale
+    tol = _tol(dtype)
+    _assert_close(sums, rsums, tol, f"sums ({name})")
+    for what, a, r in zip(("hidden", "weight", "bias"), _grads(hidden, weight, bias), _grads(rh, rw, rb)):
+        _assert_close(a, r, 10 * tol, f"d{what} ({name})")
 
 
 # ------------------------------------------------------------------------------------ two-pass (DPO/SimPO)
@@ -257,11 +302,11 @@ def test_fp16_gradients_carry_the_loss_scale():
     flushed = float(((f16[1] == 0) & (exact[1].abs() > 1e-9)).double().mean())
     assert flushed < 0.01, flushed
     # the single-pass form (gradients in forward, fp16, unscaled), which fp16 no longer takes, loses them
-    from redi_ds.kernels.engine import grad_pass, select_tokens
+    from redi_ds.kernels.engine import HeadSpec, grad_pass, select_tokens
 
     sel = select_tokens(hidden.half(), weight.half(), labels, None, None)
     _, _, g = grad_pass(hidden.half(), weight.half(), None, sel, coeffs.index_select(0, sel.seq),
-                        FusedHeadOptions(impl="torch"), (True, True, False))
+                        HeadSpec(FusedHeadOptions(impl="torch")), (True, True, False))
     lost = float(((g.weight == 0) & (exact[1].abs() > 1e-9)).double().mean())
     assert lost > 0.1, lost
 

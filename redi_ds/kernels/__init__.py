@@ -15,9 +15,12 @@ from redi_ds.kernels.reference import (
 )
 from redi_ds.kernels.fused import fused_linear_loss, fused_sequence_logprobs
 from redi_ds.kernels.options import FusedHeadOptions
+from redi_ds.kernels.transform import IDENTITY, LogitTransform
 
 __all__ = [
     "FusedHeadOptions",
+    "IDENTITY",
+    "LogitTransform",
     "IGNORE_INDEX",
     "fused_linear_loss",
     "fused_sequence_logprobs",

@@ -4,7 +4,8 @@ Design (why this one). Per selected token t (target y_t, sequence s_t, coefficie
 
     z_t   = W h_t (+ b)                         logits, V = 151,936 for Qwen
     logp_t = z_t[y_t] - logsumexp(z_t)          sums_s = sum_{t in s} logp_t
-    d loss / d z_t = -r_t * G_t,  G_t = softmax(z_t) - onehot(y_t)
+    d loss / d z_t = -r_t * G_t,  G_t = softmax(z_t) - onehot(y_t)   (times dz'/dz under a post-head
+                                                                    transform z' = t(z): transform.py)
     d h_t = -r_t * (G_t W)                      [C, V] x [V, H]
     d W   = sum_t G_t^T (-r_t h_t)              [V, C] x [C, H]  (r folded into the small operand)
     d b   = sum_t -r_t G_t
@@ -38,8 +39,17 @@ from torch import Tensor
 
 from redi_ds.kernels.options import FusedHeadOptions, resolve_impl
 from redi_ds.kernels.reference import IGNORE_INDEX, flat_sequence_index
+from redi_ds.kernels.transform import IDENTITY, LogitTransform
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """How the head runs (options) and what it computes after the matmul (the model's post-head transform)."""
+
+    options: FusedHeadOptions
+    transform: LogitTransform = IDENTITY
 
 
 @dataclass
@@ -86,17 +96,22 @@ def compute_dtype(hidden: Tensor) -> torch.dtype:
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
-def row_op(opts: FusedHeadOptions, is_cuda: bool) -> tuple[str, Callable]:
-    """The row operation of the resolved impl (imports triton only for impl == 'triton')."""
+def row_op(spec: HeadSpec, is_cuda: bool) -> tuple[str, Callable]:
+    """The row operation of the resolved impl, with the post-head transform (imports triton only for 'triton')."""
+    opts, transform = spec.options, spec.transform
     impl = resolve_impl(opts.impl, is_cuda)
     if impl == "triton":
         from redi_ds.kernels.triton_head import triton_rows
 
         def op(x, targets, lse=None, write_grad=True):
-            return triton_rows(x, targets, lse, write_grad, block_v=opts.block_v, num_warps=opts.num_warps)
+            return triton_rows(x, targets, lse, write_grad, block_v=opts.block_v, num_warps=opts.num_warps,
+                               transform=transform)
         return impl, op
     from redi_ds.kernels.torch_head import torch_rows
-    return impl, torch_rows
+
+    def twin(x, targets, lse=None, write_grad=True):
+        return torch_rows(x, targets, lse, write_grad, transform=transform)
+    return impl, twin
 
 
 def _block_buffer(n: int, chunk: int, weight: Tensor) -> Optional[Tensor]:
@@ -120,15 +135,15 @@ def _block_logits(impl: str, h_c: Tensor, weight: Tensor, bias: Optional[Tensor]
 
 
 def value_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sel: Selection,
-               opts: FusedHeadOptions) -> tuple[Tensor, Tensor]:
+               spec: HeadSpec) -> tuple[Tensor, Tensor]:
     """Forward only: (logp [n], lse [n]) in the compute dtype (fp32 on the triton path)."""
-    impl, op = row_op(opts, hidden.is_cuda)
+    impl, op = row_op(spec, hidden.is_cuda)
     cdt = compute_dtype(hidden)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     n = sel.index.numel()
     logp = torch.empty(n, dtype=cdt, device=hidden.device)
     lse = torch.empty(n, dtype=cdt, device=hidden.device)
-    chunk = opts.chunk_for(weight.shape[0], weight.dtype, weight.device)
+    chunk = spec.options.chunk_for(weight.shape[0], weight.dtype, weight.device)
     buf = _block_buffer(n, chunk, weight)
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
@@ -149,14 +164,15 @@ class Grads:
 
 
 def grad_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sel: Selection, coef_tok: Tensor,
-              opts: FusedHeadOptions, need: tuple[bool, bool, bool], lse: Optional[Tensor] = None
+              spec: HeadSpec, need: tuple[bool, bool, bool], lse: Optional[Tensor] = None
               ) -> tuple[Optional[Tensor], Optional[Tensor], Grads]:
     """Gradients of sum_t coef_tok[t] * logp_t for hidden, weight, bias (those flagged in need).
 
     lse None: single pass, also returns (logp [n], lse [n]). lse given: second pass of the two-pass path
     (logp not recomputed, returns (None, lse)).
     """
-    impl, op = row_op(opts, hidden.is_cuda)
+    impl, op = row_op(spec, hidden.is_cuda)
+    opts = spec.options
     cdt = compute_dtype(hidden)
     H = hidden.shape[-1]
     h2 = hidden.reshape(-1, H)

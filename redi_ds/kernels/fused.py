@@ -1,7 +1,7 @@
 """Public entry points of the fused LM head: autograd Functions and the functionals the trainer calls.
 
 Math (rows = sequences, or ``seq_ids`` per position for a packed row; labels aligned with hidden, -100
-ignored; z_t = W h_t + b):
+ignored; z_t = t(W h_t + b), t the model's post-head transform, identity by default: transform.py):
 
     logp_t = z_t[y_t] - logsumexp(z_t)          lp_s = sum_{t in s, y_t != -100} logp_t
 
@@ -30,16 +30,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from redi_ds.kernels.engine import Selection, grad_pass, select_tokens, sums_from_tokens, value_pass
+from redi_ds.kernels.engine import HeadSpec, Selection, grad_pass, select_tokens, sums_from_tokens, value_pass
 from redi_ds.kernels.options import FusedHeadOptions, resolve_impl
 from redi_ds.kernels.reference import reference_token_logprobs
+from redi_ds.kernels.transform import IDENTITY, LogitTransform
 
 DEFAULT_OPTIONS = FusedHeadOptions()
 
 
-def _options(impl: Optional[str], options: Optional[FusedHeadOptions]) -> FusedHeadOptions:
+def _spec(impl: Optional[str], options: Optional[FusedHeadOptions], transform: Optional[LogitTransform]
+          ) -> HeadSpec:
     opts = options if options is not None else DEFAULT_OPTIONS
-    return opts if impl is None else opts.with_(impl=impl)
+    return HeadSpec(opts if impl is None else opts.with_(impl=impl), transform or IDENTITY)
 
 
 def _needs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[bool, bool, bool]:
@@ -60,8 +62,8 @@ class FusedLinearLossFunction(torch.autograd.Function):
     """loss = sum_t coef_tok[t] logp_t; gradients computed in forward, scaled in place in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, sel: Selection, coef_tok, opts: FusedHeadOptions, need):
-        logp, _, grads = grad_pass(hidden, weight, bias, sel, coef_tok, opts, need)
+    def forward(ctx, hidden, weight, bias, sel: Selection, coef_tok, spec: HeadSpec, need):
+        logp, _, grads = grad_pass(hidden, weight, bias, sel, coef_tok, spec, need)
         loss = (coef_tok.to(logp.dtype) * logp).sum()
         sums = sums_from_tokens(logp, sel)
         ctx.save_for_backward(grads.hidden, grads.weight, grads.bias)
@@ -80,30 +82,30 @@ class FusedTokenLogprobsFunction(torch.autograd.Function):
     """logp_t of the selected tokens [n]; backward: one scalar per token, a second pass over the vocabulary."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, sel: Selection, opts: FusedHeadOptions, need):
-        logp, lse = value_pass(hidden, weight, bias, sel, opts)
+    def forward(ctx, hidden, weight, bias, sel: Selection, spec: HeadSpec, need):
+        logp, lse = value_pass(hidden, weight, bias, sel, spec)
         ctx.save_for_backward(hidden, weight, bias, lse)
-        ctx.sel, ctx.opts, ctx.need = sel, opts, need
+        ctx.sel, ctx.spec, ctx.need = sel, spec, need
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
         hidden, weight, bias, lse = ctx.saved_tensors
-        _, _, grads = grad_pass(hidden, weight, bias, ctx.sel, grad_logp.to(lse.dtype), ctx.opts, ctx.need, lse=lse)
+        _, _, grads = grad_pass(hidden, weight, bias, ctx.sel, grad_logp.to(lse.dtype), ctx.spec, ctx.need, lse=lse)
         return grads.hidden, grads.weight, grads.bias, None, None, None
 
 
-def _token_logprobs(hidden, weight, bias, sel: Selection, opts: FusedHeadOptions) -> Tensor:
+def _token_logprobs(hidden, weight, bias, sel: Selection, spec: HeadSpec) -> Tensor:
     """logp [n] of the selected tokens, differentiable (two-pass) when a gradient is needed."""
     need = _needs(hidden, weight, bias)
     if not any(need):
-        return value_pass(hidden, weight, bias, sel, opts)[0]
-    return FusedTokenLogprobsFunction.apply(hidden, weight, bias, sel, opts, need)
+        return value_pass(hidden, weight, bias, sel, spec)[0]
+    return FusedTokenLogprobsFunction.apply(hidden, weight, bias, sel, spec, need)
 
 
-def _reference_token_logprobs(hidden, weight, bias, labels, sel: Selection) -> Tensor:
+def _reference_token_logprobs(hidden, weight, bias, labels, sel: Selection, spec: HeadSpec) -> Tensor:
     """The oracle's logp [n] of the selected tokens (via full logits)."""
-    return reference_token_logprobs(hidden, weight, labels, bias).index_select(0, sel.index)
+    return reference_token_logprobs(hidden, weight, labels, bias, spec.transform).index_select(0, sel.index)
 
 
 def _coef_tok(sel: Selection, labels: Tensor, coeffs: Optional[Tensor], token_coeffs: Optional[Tensor],
@@ -123,41 +125,42 @@ def _coef_tok(sel: Selection, labels: Tensor, coeffs: Optional[Tensor], token_co
 def fused_linear_loss(hidden: Tensor, weight: Tensor, labels: Tensor, coeffs: Optional[Tensor] = None,
                       bias: Optional[Tensor] = None, seq_ids: Optional[Tensor] = None,
                       num_seqs: Optional[int] = None, *, token_coeffs: Optional[Tensor] = None,
-                      impl: Optional[str] = None, options: Optional[FusedHeadOptions] = None
-                      ) -> tuple[Tensor, Tensor, Tensor]:
+                      impl: Optional[str] = None, options: Optional[FusedHeadOptions] = None,
+                      transform: Optional[LogitTransform] = None) -> tuple[Tensor, Tensor, Tensor]:
     """loss = sum_t c_t logp_t (c: ``coeffs`` [S] per sequence or ``token_coeffs`` per position), with the
     gradients produced in this same pass (bf16/fp32; fp16 takes the two-pass form, see the module doc).
 
     Returns (loss, sums [S] detached, counts [S] long). The coefficients are treated as constants.
     A sequence with no target tokens contributes nothing (lp_s = 0, whatever its coefficient).
+    ``transform``: the model's post-head transform (a scale, a softcap), exact in value and gradient.
     """
-    opts = _options(impl, options)
+    spec = _spec(impl, options, transform)
     sel = select_tokens(hidden, weight, labels, seq_ids, num_seqs)
     coef_tok = _coef_tok(sel, labels, coeffs, token_coeffs, hidden.device)
     need = _needs(hidden, weight, bias)
-    impl_ = resolve_impl(opts.impl, hidden.is_cuda)
+    impl_ = resolve_impl(spec.options.impl, hidden.is_cuda)
     if impl_ == "reference" or (any(need) and weight.dtype == torch.float16):
-        logp = (_reference_token_logprobs(hidden, weight, bias, labels, sel) if impl_ == "reference"
-                else _token_logprobs(hidden, weight, bias, sel, opts))
+        logp = (_reference_token_logprobs(hidden, weight, bias, labels, sel, spec) if impl_ == "reference"
+                else _token_logprobs(hidden, weight, bias, sel, spec))
         loss = (coef_tok.to(logp.dtype) * logp).sum()
         return loss, sums_from_tokens(logp.detach(), sel), sel.counts
     if not any(need):
-        logp, _ = value_pass(hidden, weight, bias, sel, opts)
+        logp, _ = value_pass(hidden, weight, bias, sel, spec)
         return (coef_tok.to(logp.dtype) * logp).sum(), sums_from_tokens(logp, sel), sel.counts
-    loss, sums = FusedLinearLossFunction.apply(hidden, weight, bias, sel, coef_tok, opts, need)
+    loss, sums = FusedLinearLossFunction.apply(hidden, weight, bias, sel, coef_tok, spec, need)
     return loss, sums, sel.counts
 
 
 def fused_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
                             seq_ids: Optional[Tensor] = None, num_seqs: Optional[int] = None, *,
-                            impl: Optional[str] = None, options: Optional[FusedHeadOptions] = None
-                            ) -> tuple[Tensor, Tensor]:
+                            impl: Optional[str] = None, options: Optional[FusedHeadOptions] = None,
+                            transform: Optional[LogitTransform] = None) -> tuple[Tensor, Tensor]:
     """Per-sequence (sum of target log-probs [S], differentiable; target counts [S] long)."""
-    opts = _options(impl, options)
+    spec = _spec(impl, options, transform)
     sel = select_tokens(hidden, weight, labels, seq_ids, num_seqs)
-    if resolve_impl(opts.impl, hidden.is_cuda) == "reference":
-        logp = _reference_token_logprobs(hidden, weight, bias, labels, sel)
+    if resolve_impl(spec.options.impl, hidden.is_cuda) == "reference":
+        logp = _reference_token_logprobs(hidden, weight, bias, labels, sel, spec)
     else:
-        logp = _token_logprobs(hidden, weight, bias, sel, opts)
+        logp = _token_logprobs(hidden, weight, bias, sel, spec)
     sums = torch.zeros(sel.num_seqs, dtype=logp.dtype, device=logp.device).index_add(0, sel.seq, logp)
     return sums, sel.counts

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from redi_ds.kernels.transform import IDENTITY, LogitTransform
+
 IGNORE_INDEX = -100
 
 
@@ -61,13 +63,14 @@ def sequence_logprobs_from_logits(logits: Tensor, labels: Tensor, seq_ids: Optio
     return sums, counts
 
 
-def reference_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """hidden [..., H] @ weight[V, H]^T (+ bias) -> log p(label) per position, flat [N] (0 where ignored)."""
-    return token_logprobs_from_logits(F.linear(hidden, weight, bias), labels)
+def reference_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
+                             transform: LogitTransform = IDENTITY) -> Tensor:
+    """t(hidden [..., H] @ weight[V, H]^T (+ bias)) -> log p(label) per position, flat [N] (0 where ignored)."""
+    return token_logprobs_from_logits(transform.apply(F.linear(hidden, weight, bias)), labels)
 
 
 def reference_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
-                                seq_ids: Optional[Tensor] = None, num_seqs: Optional[int] = None
-                                ) -> tuple[Tensor, Tensor]:
-    """hidden [..., H] @ weight[V, H]^T (+ bias) -> per-sequence (log-prob sums, counts), via full logits."""
-    return sequence_logprobs_from_logits(F.linear(hidden, weight, bias), labels, seq_ids, num_seqs)
+                                seq_ids: Optional[Tensor] = None, num_seqs: Optional[int] = None,
+                                transform: LogitTransform = IDENTITY) -> tuple[Tensor, Tensor]:
+    """t(hidden [..., H] @ weight[V, H]^T (+ bias)) -> per-sequence (log-prob sums, counts), via full logits."""
+    return sequence_logprobs_from_logits(transform.apply(F.linear(hidden, weight, bias)), labels, seq_ids, num_seqs)

@@ -7,6 +7,10 @@ Math (one program = one selected token; z = its row of the [C, V] logits block, 
         lse = m + log d;  logp = z_y - lse
     pass 2 (if WRITE_GRAD): G = exp(z - lse) - onehot(y), written in place over z in the block's dtype.
 
+A post-head transform (transform.py) is applied to every tile as it is loaded, z' = c tanh(s z / c) (SOFTCAP)
+or s z, before the logsumexp and at the target; pass 2 writes G = (exp(z' - lse) - onehot(y)) * dz'/dz with
+dz'/dz = s (1 - tanh^2) or s. tanh is 2 sigmoid(2x) - 1 (Triton has no tanh; the interpreter runs it too).
+
 All arithmetic is fp32 in registers whatever the block dtype (bf16 logits from cuBLAS on GPU; fp32 under
 TRITON_INTERPRET=1 on CPU: the kernel uses no tl.dot, so the interpreter is exact there). G lies in
 [-1, 1], so bf16 storage loses only relative precision. The per-row coefficient is not applied here
@@ -25,10 +29,23 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from redi_ds.kernels.transform import IDENTITY, LogitTransform
+
 
 @triton.jit
-def _head_rows_kernel(x_ptr, stride_row, targets_ptr, lse_ptr, logp_ptr, V,
-                      BLOCK_V: tl.constexpr, HAS_LSE: tl.constexpr, WRITE_GRAD: tl.constexpr):
+def _transformed(z, scale, cap, SOFTCAP: tl.constexpr):
+    """(z', dz'/dz) of fp32 logits: c tanh(s z / c) with s (1 - tanh^2), or s z with s."""
+    if SOFTCAP:
+        u = 2.0 * tl.sigmoid(2.0 * z * (scale / cap)) - 1.0
+        return cap * u, scale * (1.0 - u * u)
+    else:
+        return z * scale, scale + 0.0 * z
+
+
+@triton.jit
+def _head_rows_kernel(x_ptr, stride_row, targets_ptr, lse_ptr, logp_ptr, V, scale, cap,
+                      BLOCK_V: tl.constexpr, HAS_LSE: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                      SOFTCAP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = x_ptr + row * stride_row
     y = tl.load(targets_ptr + row)
@@ -39,25 +56,27 @@ def _head_rows_kernel(x_ptr, stride_row, targets_ptr, lse_ptr, logp_ptr, V,
         d = 0.0
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            mask = cols < V
+            z, _ = _transformed(tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32), scale, cap, SOFTCAP)
+            z = tl.where(mask, z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=0))
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
             m = m_new
         lse = m + tl.log(d)
-        zy = tl.load(row_ptr + y).to(tl.float32)
+        zy, _ = _transformed(tl.load(row_ptr + y).to(tl.float32), scale, cap, SOFTCAP)
         tl.store(lse_ptr + row, lse)
         tl.store(logp_ptr + row, zy - lse)
     if WRITE_GRAD:
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < V
-            z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            g = tl.exp(z - lse) - tl.where(cols == y, 1.0, 0.0)
+            z, dz = _transformed(tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32), scale, cap, SOFTCAP)
+            g = (tl.exp(z - lse) - tl.where(cols == y, 1.0, 0.0)) * dz
             tl.store(row_ptr + cols, g.to(x_ptr.dtype.element_ty), mask=mask)
 
 
 def triton_rows(x: Tensor, targets: Tensor, lse: Optional[Tensor] = None, write_grad: bool = True,
-                block_v: int = 32768, num_warps: Optional[int] = None
+                block_v: int = 32768, num_warps: Optional[int] = None, transform: LogitTransform = IDENTITY
                 ) -> tuple[Optional[Tensor], Tensor, Tensor]:
     """Launcher; same contract as ``torch_head.torch_rows`` (x [C, V] is overwritten with G)."""
     c, v = x.shape
@@ -78,8 +97,10 @@ def triton_rows(x: Tensor, targets: Tensor, lse: Optional[Tensor] = None, write_
     block = min(triton.next_power_of_2(v), block_v)
     if num_warps is None:
         num_warps = 32 if block >= 16384 else 16 if block >= 4096 else 4
-    _head_rows_kernel[(c,)](x, x.stride(0), targets.contiguous(), lse, logp, v,
-                            BLOCK_V=block, HAS_LSE=has_lse, WRITE_GRAD=write_grad, num_warps=num_warps)
+    cap = transform.softcap
+    _head_rows_kernel[(c,)](x, x.stride(0), targets.contiguous(), lse, logp, v, float(transform.scale),
+                            float(cap if cap is not None else 1.0), BLOCK_V=block, HAS_LSE=has_lse,
+                            WRITE_GRAD=write_grad, SOFTCAP=cap is not None, num_warps=num_warps)
     return (None if has_lse else logp), lse, x
 
 
