@@ -8,8 +8,9 @@ Sections (``--sections``, in this order; each writes its rows to ``DIR/gpu_check
 so a run stopped at its time limit still leaves what it measured):
 
 1. ``correctness``: the Triton head against float64 (both forms: the single pass of linear losses and the
-   two-pass form of DPO/SimPO), in bf16 and fp32, on odd shapes and at V = 151,936: relative error
-   ||x - ref|| / ||ref|| of the per-sequence sums, d hidden and d weight (and d bias on one shape).
+   two-pass form of DPO/SimPO), in bf16 and fp32, on odd shapes and at V = 151,936, with Gemma's softcap and
+   Cohere's logit scale on two of them: relative error ||x - ref|| / ||ref|| of the per-sequence sums, d hidden and
+   d weight (and d bias where the head has one).
 2. ``pytest``: ``pytest -m gpu tests/test_kernels.py`` (the CUDA cases of the kernel tests).
 3. ``bench``: forward + backward of one objective, the token-mean NLL of all N tokens (SFT; REDI has the same
    cost: one coefficient per sequence), bf16, V = 151,936, for each H and N, by every method: our triton impl
@@ -135,12 +136,16 @@ def correctness(dry: bool) -> list[dict]:
     from redi_ds.kernels.reference import reference_sequence_logprobs
 
     dev = device()
-    shapes = [(3, 37, 24, 131, True), (2, 300, 64, 4099, False)] if dry else \
-        [(3, 37, 24, 131, True), (4, 300, 512, 32003, False), (3, 1001, 1536, QWEN_VOCAB, False),
-         (2, 2048, 3584, QWEN_VOCAB, True)]
+    from redi_ds.kernels import LogitTransform
+
+    gemma = LogitTransform(softcap=30.0)  # Gemma2/3's final_logit_softcapping (raw logits std ~4 here)
+    shapes = [(3, 37, 24, 131, True, None), (2, 300, 64, 4099, False, gemma)] if dry else \
+        [(3, 37, 24, 131, True, None), (4, 300, 512, 32003, False, None), (3, 1001, 1536, QWEN_VOCAB, False, None),
+         (2, 2048, 3584, QWEN_VOCAB, True, None), (3, 1001, 1536, QWEN_VOCAB, False, gemma),
+         (2, 300, 512, 32003, True, LogitTransform(scale=0.0625))]
     dtypes = [torch.float32] if dry else [torch.float32, torch.bfloat16]
     rows = []
-    for (n, t, h, v, has_bias) in shapes:
+    for (n, t, h, v, has_bias, transform) in shapes:
         g = torch.Generator().manual_seed(n * 1000 + h)
         hidden64 = torch.randn(n, t, h, generator=g, dtype=torch.float64)  # rounded to each dtype below
         weight64 = torch.randn(v, h, generator=g, dtype=torch.float64) * (4.0 / math.sqrt(h))  # logits std ~4
@@ -154,7 +159,8 @@ def correctness(dry: bool) -> list[dict]:
             # the oracle: float64 on the device, from the inputs as rounded to dtype (the kernel's error only)
             x64 = [None if x is None else x.to(dtype).double().to(dev) for x in (hidden64, weight64, bias64)]
             hr, wr, br = [None if x is None else x.clone().requires_grad_() for x in x64]
-            sums_ref, _ = reference_sequence_logprobs(hr, wr, labels, br)
+            sums_ref, _ = reference_sequence_logprobs(hr, wr, labels, br,
+                                                      transform=transform or LogitTransform())
             (coeffs.to(dev) * sums_ref).sum().backward()
             refs = [x.grad for x in (hr, wr, br) if x is not None]
             for form in ("single_pass", "two_pass"):
@@ -162,17 +168,19 @@ def correctness(dry: bool) -> list[dict]:
                 leaves = [x for x in (hx, wx, bx) if x is not None]
                 opts = FusedHeadOptions(impl="triton", block_v=64 if v < 1000 else 32768)
                 if form == "single_pass":
-                    loss, sums, _ = fused_linear_loss(hx, wx, labels, coeffs.to(dev), bx, options=opts)
+                    loss, sums, _ = fused_linear_loss(hx, wx, labels, coeffs.to(dev), bx, options=opts,
+                                                      transform=transform)
                     (loss * 0.25).backward()  # DeepSpeed seeds backward with 1/accum: scaled in place
                     grads = [x.grad * 4.0 for x in leaves]
                 else:
-                    sums, _ = fused_sequence_logprobs(hx, wx, labels, bx, options=opts)
+                    sums, _ = fused_sequence_logprobs(hx, wx, labels, bx, options=opts, transform=transform)
                     (coeffs.to(dev, sums.dtype) * sums).sum().backward()
                     grads = [x.grad for x in leaves]
                 names = ["dhidden", "dweight"] + (["dbias"] if has_bias else [])
                 err = {"sums": _rel(sums, sums_ref), **{k: _rel(gr, r) for k, gr, r in zip(names, grads, refs)}}
                 tol = 2e-5 if dtype == torch.float32 else 1e-2
-                rows.append({"shape": f"{n}x{t} H={h} V={v}" + (" +bias" if has_bias else ""),
+                rows.append({"shape": f"{n}x{t} H={h} V={v}" + (" +bias" if has_bias else "")
+                             + (f" [{transform}]" if transform else ""),
                              "dtype": str(dtype).replace("torch.", ""), "form": form,
                              **{k: float(f"{e:.3g}") for k, e in err.items()}, "tol": tol,
                              "ok": all(e <= tol for e in err.values())})
