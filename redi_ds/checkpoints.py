@@ -51,6 +51,34 @@ def _complete(path: Path) -> bool:
     return (path / "meta.json").is_file() or any(path.glob("*model_states.pt"))
 
 
+def _sizes(path: Path) -> dict[str, int]:
+    """Every file of a checkpoint folder and its size (recorded in meta.json, checked before a resume)."""
+    return {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def verify(path: Path) -> bool:
+    """A complete checkpoint whose files are all there at the sizes its save recorded (a shard cut short by a
+    full disk or a copy does not verify). Checkpoints written before sizes were recorded verify by completeness."""
+    if not _complete(path):
+        return False
+    if not (path / "meta.json").exists():
+        return True  # written before meta.json existed: complete is all we can know
+    try:
+        files = json.loads((path / "meta.json").read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not isinstance(files, dict):
+        return True
+    for name, size in files.items():
+        f = path / name
+        try:
+            if f.stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
 def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -61,16 +89,40 @@ class CheckpointStore:
     def __init__(self, stage_dir: Path, rank: int):
         self.root = Path(stage_dir).resolve() / "checkpoints"
         self.rank = rank
+        self._fallback_said = False
 
     # -- reads
-    def latest(self) -> Optional[Path]:
-        """The complete checkpoint ``latest`` names, or None."""
+    def _named(self) -> tuple[Optional[Path], str]:
+        """(the step folder ``latest`` names, or None; why not)."""
         pointer = self.root / "latest"
         if not pointer.is_file():
-            return None
-        tag = pointer.read_text().strip()
+            return None, "is missing"
+        try:
+            tag = pointer.read_bytes().decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return None, "is unreadable"
         path = self.root / tag
-        return path if tag and _step(path) is not None and _complete(path) else None
+        if not tag or "/" in tag or _step(path) is None:
+            return None, f"names {tag[:40]!r}, which is no checkpoint here"
+        return path, ""
+
+    def latest(self) -> Optional[Path]:
+        """The checkpoint to trust: the one ``latest`` names when it verifies, else the newest one that does (said
+        once), else None."""
+        named, why = self._named()
+        if named is not None:
+            if verify(named):
+                return named
+            why = f"names {named.name}, which does not verify (missing or truncated files)"
+        steps = sorted(((s, p) for p in self.root.iterdir() if (s := _step(p)) is not None), reverse=True) \
+            if self.root.is_dir() else []
+        for _, path in steps:
+            if verify(path):
+                if not self._fallback_said and (named is not None or (self.root / "latest").exists()):
+                    log0(f"{self.root / 'latest'} {why}; using the newest checkpoint that verifies: {path}")
+                    self._fallback_said = True
+                return path
+        return None
 
     @staticmethod
     def meta(path: Path) -> dict:
@@ -85,6 +137,9 @@ class CheckpointStore:
         meta = self.meta(path)
         if not _complete(path):
             raise ConfigError(f"run.resume: {path} is not a checkpoint written by redi-ds (no meta.json)")
+        if not verify(path):
+            raise ConfigError(f"run.resume: {path} does not verify: a file is missing or shorter than when it was "
+                              "written (a copy or a full disk cut it)")
         saved = meta.get("world_size")
         if saved is not None and int(saved) != world:  # (another sequence_parallel_size over the same world is fine)
             raise ConfigError(f"run.resume: {path} was written by {saved} ranks and this run has {world}: ZeRO "
@@ -133,13 +188,14 @@ class CheckpointStore:
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             raise TrainingError(self._write_failed(tag, e), local=True) from None
         _fault("kill_during_save", step)
+        dist.barrier()  # every rank's shards are on disk: their sizes go into meta.json
         if self.rank == 0:
             try:
                 save_config(cfg, partial / "config.yaml")
                 meta = {"step": step, "world_size": world, "global_batch_size": cfg.train.global_batch_size,
                         "sequence_parallel_size": cfg.deepspeed.sequence_parallel_size,
                         "micro_batch_size": cfg.train.micro_batch_size, "stage": cfg.stage,
-                        "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                        "written": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": _sizes(partial)}
                 (partial / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
                 if final.exists():  # an older copy of the same step (never the one `latest` names mid-save)
                     shutil.rmtree(final)

@@ -82,9 +82,9 @@ def _train_plan(config: str, stage: Optional[str], overrides: list[str]) -> list
     cfg = load_config(config, stage=stage, overrides=overrides)
     plan = [cfg]
     if cfg.model.sft_if_missing and cfg.model.name_or_path == "@sft":
-        from redi_ds.model import resolve_model_path
+        from redi_ds.stage import StageDir
 
-        if not os.path.isdir(resolve_model_path("@sft", cfg.run.output_dir)):
+        if not StageDir(cfg.stage_dir.parent / "sft").is_done():  # missing, or killed mid-way: finish it first
             plan.insert(0, load_config(config, stage="sft", overrides=overrides))
     from redi_ds.ranks import log0
     from redi_ds.trainer import train

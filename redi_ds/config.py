@@ -32,6 +32,7 @@ from redi_ds.errors import ConfigError
 from redi_ds.eval.options import EvalOptions
 from redi_ds.kernels.options import FusedHeadOptions
 from redi_ds.losses import LOSSES, loss_config
+from redi_ds.textio import load_yaml
 
 PAPER_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -181,13 +182,19 @@ def config_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("redi_ds.configs").iterdir() if p.name.endswith(".yaml"))
 
 
-def _locate(name_or_path: str) -> tuple[str, str]:
-    """Return (source label, YAML text) for a bundled config name or a file path."""
+def _locate(name_or_path: str) -> tuple[str, bytes]:
+    """Return (source label, YAML bytes) for a bundled config name or a file path."""
+    if os.path.isdir(name_or_path):
+        raise ConfigError(f"--config {name_or_path!r} is a folder; name a YAML file or a bundled config "
+                          f"({', '.join(config_names())})")
     if os.path.exists(name_or_path):
-        return name_or_path, Path(name_or_path).read_text(encoding="utf-8")
+        try:
+            return name_or_path, Path(name_or_path).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"--config {name_or_path!r}: cannot read it ({e.strerror})") from None
     res = resources.files("redi_ds.configs").joinpath(f"{name_or_path}.yaml")
     if res.is_file():
-        return f"redi_ds/configs/{name_or_path}.yaml", res.read_text(encoding="utf-8")
+        return f"redi_ds/configs/{name_or_path}.yaml", res.read_bytes()
     raise ConfigError(f"config {name_or_path!r}: no such file and no bundled config of that name "
                       f"(bundled: {', '.join(config_names())})")
 
@@ -255,18 +262,16 @@ def load_config(name_or_path: str = "tiny", stage: Optional[str] = None,
                 overrides: Optional[list[str]] = None, settings: Optional[dict[str, Any]] = None) -> Config:
     """``overrides``: command-line style (``["--loss.alpha", "0.5"]``); ``settings``: the same as values
     (``{"loss.alpha": 0.5}``), applied after them (for programs that compose configs, like the ablation)."""
-    source, text = _locate(name_or_path)
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{source}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    source, data = _locate(name_or_path)
+    raw = load_yaml(data, source) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: top level must be a mapping")
     stages = raw.pop("stages", {}) or {}
     if not isinstance(stages, dict):
         raise ConfigError(f"{source}: 'stages' must be a mapping of stage name -> overrides")
+    for name, entry in stages.items():
+        if entry is not None and not isinstance(entry, dict):
+            raise ConfigError(f"{source}: stages.{name} must be a mapping of overrides, got {entry!r}")
     if stage is None:
         stage = raw.get("stage") or next(iter(stages), "redi")
     if stages and stage not in stages:
@@ -299,8 +304,9 @@ def _inherit(tree: dict, key: str, source: str) -> None:
 
 
 def stage_names(name_or_path: str) -> list[str]:
-    source, text = _locate(name_or_path)
-    return list((yaml.safe_load(text) or {}).get("stages", {}) or {})
+    source, data = _locate(name_or_path)
+    raw = load_yaml(data, source) or {}
+    return list((raw.get("stages") if isinstance(raw, dict) else None) or {})
 
 
 # ----------------------------------------------------------------------------- typing
@@ -414,6 +420,7 @@ _CHOICES = {
 
 
 def validate(cfg: Config, source: str = "config") -> None:
+    """Every value a user can get wrong, as one line naming the key, before any data or process group."""
     def fail(msg: str) -> None:
         raise ConfigError(f"{source}: {msg}")
 
@@ -422,36 +429,9 @@ def validate(cfg: Config, source: str = "config") -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
             fail(f"{dotted} = {value!r}; expected one of {', '.join(choices)}")
-    if cfg.eval.heldout_every < 0 or (cfg.eval.heldout_every and not cfg.eval.heldout_pairs):
-        fail("eval.heldout_every needs eval.heldout_pairs (a JSONL of prompt, chosen, rejected) and must be >= 0")
-    t = cfg.train
-    for name, value, low in (("lr", t.lr, "> 0"), ("adam_eps", t.adam_eps, "> 0"), ("grad_clip", t.grad_clip, ">= 0"),
-                             ("weight_decay", t.weight_decay, ">= 0"), ("min_lr_ratio", t.min_lr_ratio, ">= 0")):
-        if not math.isfinite(value) or (value <= 0 if low == "> 0" else value < 0):
-            fail(f"train.{name} = {value}; must be a finite number {low}")
-    for name in ("save_every", "keep_checkpoints", "stop_after_steps", "max_steps"):
-        if getattr(t, name) < 0:
-            fail(f"train.{name} = {getattr(t, name)}; must be >= 0")
-    if t.max_nonfinite_steps < 1 or t.log_every < 1:
-        fail("train.max_nonfinite_steps and train.log_every must be >= 1")
-    if not all(0.0 <= b < 1.0 for b in t.adam_betas):
-        fail(f"train.adam_betas = {t.adam_betas}; each must be in [0, 1)")
-    if not 0.0 <= t.warmup_ratio < 1.0:
-        fail(f"train.warmup_ratio = {t.warmup_ratio}; must be in [0, 1)")
-    if t.micro_batch_size < 1 or t.global_batch_size < 1:
-        fail("train.micro_batch_size and train.global_batch_size must be >= 1")
-    if t.global_batch_size % t.micro_batch_size:
-        fail(f"train.global_batch_size ({t.global_batch_size}) is not a multiple of "
-             f"train.micro_batch_size ({t.micro_batch_size})")
-    if len(t.adam_betas) != 2:
-        fail("train.adam_betas must have two values")
-    if t.epochs < 1 and t.max_steps < 1:
-        fail("train.epochs or train.max_steps must be >= 1")
-    d = cfg.data
-    if not d.path:
-        fail("data.path is empty")
-    if d.max_prompt_length < 1 or d.max_length <= d.max_prompt_length:
-        fail(f"data.max_length ({d.max_length}) must exceed data.max_prompt_length ({d.max_prompt_length})")
+    _check_train(cfg.train, fail)
+    _check_data_and_model(cfg, fail)
+    _check_eval(cfg.eval, fail)
     if cfg.deepspeed.sequence_parallel_size < 1:
         fail(f"deepspeed.sequence_parallel_size = {cfg.deepspeed.sequence_parallel_size}; must be >= 1")
     if cfg.deepspeed.sequence_parallel_size > 1 and cfg.model.attn_implementation == "eager":
@@ -462,16 +442,80 @@ def validate(cfg: Config, source: str = "config") -> None:
         fail(f"run.resume = {r!r}: not a checkpoint folder (expected auto, never, or a folder such as "
              f"runs/NAME/STAGE/checkpoints/step_N)")
     from redi_ds import ds_config  # light: finds the JSON (bundled or a path); its ZeRO keys are checked later
-    from redi_ds.eval.errors import EvalError
 
     try:
         ds_config.locate(cfg.deepspeed.config)
     except ConfigError as e:
         fail(str(e))
+
+
+def _check_train(t: TrainConfig, fail) -> None:
+    for name, value, low in (("lr", t.lr, "> 0"), ("adam_eps", t.adam_eps, "> 0"), ("grad_clip", t.grad_clip, ">= 0"),
+                             ("weight_decay", t.weight_decay, ">= 0"), ("min_lr_ratio", t.min_lr_ratio, ">= 0")):
+        if not math.isfinite(value) or (value <= 0 if low == "> 0" else value < 0):
+            fail(f"train.{name} = {value}; must be a finite number {low}")
+    if t.min_lr_ratio > 1:
+        fail(f"train.min_lr_ratio = {t.min_lr_ratio}; must be in [0, 1] (a fraction of train.lr)")
+    for name in ("save_every", "keep_checkpoints", "stop_after_steps", "max_steps", "epochs"):
+        if getattr(t, name) < 0:
+            fail(f"train.{name} = {getattr(t, name)}; must be >= 0")
+    if t.max_nonfinite_steps < 1 or t.log_every < 1:
+        fail("train.max_nonfinite_steps and train.log_every must be >= 1")
+    if len(t.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in t.adam_betas):
+        fail(f"train.adam_betas = {t.adam_betas}; two values, each in [0, 1)")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        fail(f"train.warmup_ratio = {t.warmup_ratio}; must be in [0, 1)")
+    if t.micro_batch_size < 1 or t.global_batch_size < 1:
+        fail("train.micro_batch_size and train.global_batch_size must be >= 1")
+    if t.global_batch_size % t.micro_batch_size:
+        fail(f"train.global_batch_size ({t.global_batch_size}) is not a multiple of "
+             f"train.micro_batch_size ({t.micro_batch_size})")
+    if t.epochs < 1 and t.max_steps < 1:
+        fail("train.epochs or train.max_steps must be >= 1")
+
+
+def _check_data_and_model(cfg: Config, fail) -> None:
+    d, m = cfg.data, cfg.model
+    if not d.path:
+        fail("data.path is empty")
+    if d.max_prompt_length < 1 or d.max_length <= d.max_prompt_length:
+        fail(f"data.max_length ({d.max_length}) must exceed data.max_prompt_length ({d.max_prompt_length})")
+    if d.limit < 0 or d.synthetic_size < 1:
+        fail(f"data.limit = {d.limit} must be >= 0 and data.synthetic_size = {d.synthetic_size} >= 1")
+    if m.rope_theta is not None and not (math.isfinite(m.rope_theta) and m.rope_theta > 0):
+        fail(f"model.rope_theta = {m.rope_theta}; must be a finite number > 0")
+    positions = m.max_position_embeddings or (m.tiny.max_position_embeddings if m.name_or_path == "tiny" else None)
+    if positions is not None and positions < d.max_length:
+        key = "model.max_position_embeddings" if m.max_position_embeddings else "model.tiny.max_position_embeddings"
+        fail(f"{key} = {positions} is below data.max_length = {d.max_length}")
+    t = m.tiny
+    sizes = {k: getattr(t, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                        "num_attention_heads", "num_key_value_heads", "vocab_size")}
+    bad = [f"{k} = {v}" for k, v in sizes.items() if v < 1]
+    if bad:
+        fail(f"model.tiny.{bad[0]}; sizes must be >= 1")
+    if t.hidden_size % t.num_attention_heads or t.num_attention_heads % t.num_key_value_heads:
+        fail(f"model.tiny: num_attention_heads ({t.num_attention_heads}) must divide hidden_size ({t.hidden_size}) "
+             f"and num_key_value_heads ({t.num_key_value_heads}) must divide num_attention_heads")
+    if not (math.isfinite(t.rope_theta) and t.rope_theta > 0):
+        fail(f"model.tiny.rope_theta = {t.rope_theta}; must be a finite number > 0")
+
+
+def _check_eval(e: EvalConfig, fail) -> None:
+    from redi_ds.eval.errors import EvalError
+
+    if e.heldout_every < 0 or (e.heldout_every and not e.heldout_pairs):
+        fail("eval.heldout_every needs eval.heldout_pairs (a JSONL of prompt, chosen, rejected) and must be >= 0")
     try:
-        cfg.eval.check()
-    except EvalError as e:
-        fail(f"eval: {e}")
+        e.check()
+        if e.benchmarks:  # names and backend now, not after training and export
+            from redi_ds.eval.backends import check_backend_name
+            from redi_ds.eval.benchmarks import resolve_benchmarks
+
+            resolve_benchmarks(e.benchmarks)
+            check_backend_name(e.backend)
+    except EvalError as err:
+        fail(f"eval: {err}")
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

@@ -36,11 +36,14 @@ def init_distributed():
 
 
 class StopRequest:
-    """Preemption: a signal, or $REDI_DS_STOP_FILE appearing; agreed on by all ranks at step boundaries."""
+    """Preemption, agreed on by all ranks at step boundaries: SIGUSR1 / SIGTERM, $REDI_DS_STOP_FILE appearing, or
+    the launcher gone (see ``LauncherWatch``): a worker whose launcher died checkpoints and stops rather than train
+    on unsupervised."""
 
     def __init__(self):
         self.flag = False
         self.file = os.environ.get("REDI_DS_STOP_FILE")
+        self.launcher = LauncherWatch()
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             try:
                 signal.signal(sig, self._handler)
@@ -51,7 +54,56 @@ class StopRequest:
         self.flag = True
 
     def agreed(self) -> bool:
-        return any_rank(self.flag or bool(self.file and os.path.exists(self.file)))
+        gone = self.launcher.gone()
+        if gone and not self.flag:
+            print(f"[redi-ds] rank {os.environ.get('RANK', '0')}: {gone}; checkpointing and stopping", flush=True)
+        return any_rank(self.flag or bool(gone) or bool(self.file and os.path.exists(self.file)))
+
+
+def _ppid_of(pid: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class LauncherWatch:
+    """Whether this worker's launcher is gone. Its parent dying (torchrun's agent, DeepSpeed's launch.py) is caught
+    by the kernel (PR_SET_PDEATHSIG: SIGTERM, the preemption signal) and by the parent pid changing. Under the
+    ``deepspeed`` command the parent, ``deepspeed.launcher.launch``, survives a SIGTERM to the command itself and
+    would let its workers train on: so its own parent (the ``deepspeed`` runner) is watched too (Linux /proc)."""
+
+    def __init__(self):
+        self.parent = os.getppid()
+        by_deepspeed = "deepspeed.launcher.launch" in _cmdline(self.parent)
+        # only under a launcher: a plain `python launch/train.py` (under nohup, say) outlives its shell as before
+        self.active = by_deepspeed or "TORCHELASTIC_RUN_ID" in os.environ
+        self.grandparent = _ppid_of(self.parent) if by_deepspeed else None
+        if self.active:
+            try:  # the kernel sends SIGTERM (the preemption signal) to this process when its parent dies
+                import ctypes
+
+                ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+            except (OSError, AttributeError):
+                pass
+
+    def gone(self) -> str:
+        if not self.active:
+            return ""
+        if os.getppid() != self.parent:
+            return f"the launcher (pid {self.parent}) is gone"
+        if self.grandparent is not None and _ppid_of(self.parent) != self.grandparent:
+            return f"the deepspeed command (pid {self.grandparent}) is gone"
+        return ""
 
 
 class StageLock:

@@ -42,21 +42,41 @@ def locate(name: str) -> tuple[str, str]:
     if name.endswith(".json"):
         if not os.path.isfile(name):
             raise ConfigError(f"deepspeed.config: {name!r}: no such file")
-        with open(name, encoding="utf-8") as f:
-            return name, f.read()
-    res = _bundled().joinpath(f"{name}.json")
-    if not res.is_file():
-        raise ConfigError(f"deepspeed.config: {name!r} is neither a .json file nor one of {', '.join(bundled_names())}")
-    return f"ds_configs/{name}.json", res.read_text(encoding="utf-8")
+        with open(name, "rb") as f:
+            data = f.read()
+        label = name
+    else:
+        res = _bundled().joinpath(f"{name}.json")
+        if not res.is_file():
+            raise ConfigError(f"deepspeed.config: {name!r} is neither a .json file nor one of "
+                              f"{', '.join(bundled_names())}")
+        label, data = f"ds_configs/{name}.json", res.read_bytes()
+    try:
+        return label, data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{label}:{line}: not UTF-8 (byte {data[e.start]:#04x})") from None
+
+
+def _no_duplicate_keys(label: str):
+    def hook(pairs):
+        keys = [k for k, _ in pairs]
+        dup = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+        if dup is not None:
+            raise ConfigError(f"{label}: duplicate key {dup!r} in the DeepSpeed JSON; a second value would win")
+        return dict(pairs)
+    return hook
 
 
 def load(ds_cfg) -> dict:
     """The JSON of ``ds_cfg.config`` with ``ds_cfg.zero`` merged into zero_optimization (not yet validated)."""
     label, text = locate(ds_cfg.config)
     try:
-        ds = json.loads(text)
+        ds = json.loads(text, object_pairs_hook=_no_duplicate_keys(label))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{label}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ConfigError(f"{label}: JSON nested too deeply") from None
     if not isinstance(ds, dict):
         raise ConfigError(f"{label}: the top level must be an object")
     for key, where in OURS.items():

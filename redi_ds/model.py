@@ -28,9 +28,15 @@ from redi_ds.kernels.transform import IDENTITY, LogitTransform
 from redi_ds.losses.base import StepTotals
 
 def resolve_model_path(name_or_path: str, output_dir: str) -> str:
-    """``@sft`` -> ``{output_dir}/sft/export`` (REDI starts from the SFT export)."""
+    """``@sft`` -> ``{output_dir}/sft/export`` (REDI starts from the SFT export), only once that stage is done (its
+    ``done`` marker: an export a killed run left half-written is never read)."""
     if name_or_path.startswith("@"):
-        return str(Path(output_dir) / name_or_path[1:] / "export")
+        stage = Path(output_dir) / name_or_path[1:]
+        if not (stage / "done").is_file():
+            raise ConfigError(f"model.name_or_path = {name_or_path}: the {name_or_path[1:]} stage in {stage} is not "
+                              f"finished (no done marker); run --stage {name_or_path[1:]} first, or set "
+                              "model.sft_if_missing: true to run it before this one")
+        return str(stage / "export")
     return name_or_path
 
 
@@ -52,7 +58,22 @@ def load_tokenizer(model_cfg: ModelConfig, model_path: str):
             raise ConfigError(f"model.chat_template: {e}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    _check_template(tok.chat_template, model_cfg.chat_template or src)
     return tok
+
+
+def _check_template(template, where: str) -> None:
+    """A chat template that does not compile is a one-line ConfigError naming it and its line."""
+    if not isinstance(template, str):
+        return
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template  # transformers' own environment
+
+    try:
+        _compile_jinja_template(template)
+    except TemplateSyntaxError as e:
+        raise ConfigError(f"model.chat_template: {where}: line {e.lineno}: Jinja syntax error ({e.message})"
+                          ) from None
 
 
 def causal_lm_class(config):

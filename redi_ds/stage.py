@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 from redi_ds.config import Config, save_config
+from redi_ds.errors import ConfigError, TrainingError
+from redi_ds.ranks import log0
 
 
 class StageDir:
@@ -47,24 +49,24 @@ class StageDir:
             f.write(json.dumps(row) + "\n")
 
     def truncate_metrics(self, steps: int) -> None:
-        """Drop the rows past ``steps`` of metrics.jsonl and heldout.jsonl (a resume redoes them)."""
+        """Drop the rows past ``steps`` of metrics.jsonl and heldout.jsonl (a resume redoes them), and a last
+        line torn by a kill mid-write."""
         for path in (self.metrics, self.heldout):
-            if not path.exists():
-                continue
-            rows = [line for line in path.read_text().splitlines() if line.strip()]
-            kept = [line for line in rows if json.loads(line)["step"] <= steps]
+            rows = read_rows(path, repair=True)
+            kept = [row for row in rows if row["step"] <= steps]
             if len(kept) != len(rows):
-                path.write_text("".join(line + "\n" for line in kept))
+                path.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
     def heldout_rows(self) -> list[dict]:
         """heldout.jsonl's rows (step, logp_chosen, logp_rejected, ...), oldest first; [] without a probe."""
-        if not self.heldout.exists():
-            return []
-        return [json.loads(line) for line in self.heldout.read_text().splitlines() if line.strip()]
+        return read_rows(self.heldout)
 
     def last_metrics(self) -> dict:
-        rows = [line for line in self.metrics.read_text().splitlines() if line.strip()] if self.metrics.exists() else []
-        return json.loads(rows[-1]) if rows else {}
+        rows = read_rows(self.metrics)
+        return rows[-1] if rows else {}
+
+    def is_done(self) -> bool:
+        return (self.path / "done").is_file()
 
     def write_result(self, result: dict) -> Path:
         path = self.path / "final_metrics.json"
@@ -78,9 +80,9 @@ class StageDir:
         (self.path / "preempted").write_text(f"stopped after step {step}\n")
 
     def finished(self, cfg: Config, latest_checkpoint: Optional[Path]) -> Optional[dict]:
-        """The stored result when this stage is done with this very config and its final checkpoint is the
-        latest one; None otherwise (``run.resume`` does not count: how a stage was reached is not what it
-        trained)."""
+        """The stored result when this stage is done and its final checkpoint is the latest one; None when it is
+        not done. A finished stage is never trained or rewritten again by a config that differs in what it trains:
+        that is a one-line ConfigError naming the keys (``run.resume: never`` retrains it)."""
         import yaml
 
         try:
@@ -89,13 +91,52 @@ class StageDir:
             result = json.loads((self.path / "final_metrics.json").read_text())
         except (OSError, ValueError, TypeError, yaml.YAMLError):
             return None
-        now = json.loads(json.dumps(cfg.to_dict()))
-        if _without_resume(saved) != _without_resume(now):
-            return None
         if latest_checkpoint is None or latest_checkpoint.name != done.get("checkpoint"):
             return None
+        differ = config_differences(saved, json.loads(json.dumps(cfg.to_dict())))
+        if differ:
+            shown = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in differ[:4]) + (" ..." if len(differ) > 4 else "")
+            raise ConfigError(f"{self.path} is a finished stage trained with another config: {shown}; it is not "
+                              "retrained or rewritten. To train it again with this config pass --run.resume never "
+                              "(its checkpoints are moved aside), or choose another run.output_dir")
         return result
 
 
-def _without_resume(tree: dict) -> dict:
-    return {**tree, "run": {k: v for k, v in (tree.get("run") or {}).items() if k != "resume"}}
+# keys that do not change what a stage trains: where it logs, how it is evaluated, how often it saves
+UNTRAINED = ("run.resume", "tracking.", "eval.", "kernel.", "train.save_every", "train.keep_checkpoints",
+             "train.log_every", "train.stop_after_steps", "train.max_nonfinite_steps")
+
+
+def config_differences(saved: dict, now: dict) -> list[tuple[str, object, object]]:
+    """(dotted key, saved value, new value) for every training-relevant key that differs."""
+    def flat(tree, prefix=""):
+        out = {}
+        for k, v in (tree or {}).items():
+            key = f"{prefix}{k}"
+            out.update(flat(v, key + ".") if isinstance(v, dict) and v else {key: v})
+        return out
+
+    a, b = flat(saved), flat(now)
+    keys = sorted(set(a) | set(b))
+    return [(k, a.get(k), b.get(k)) for k in keys
+            if a.get(k) != b.get(k) and not any(k == u or (u.endswith(".") and k.startswith(u)) for u in UNTRAINED)]
+
+
+def read_rows(path: Path, repair: bool = False) -> list[dict]:
+    """The JSON rows of a metrics file; a last line torn by a kill mid-write is dropped (with a notice, and from the
+    file itself when ``repair``). A bad line elsewhere is a TrainingError naming the file and line."""
+    if not path.exists():
+        return []
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    rows = []
+    for i, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i < len(lines):
+                raise TrainingError(f"{path}:{i}: not a JSON row (the file was edited or damaged); remove the "
+                                    "line or the file to go on") from None
+            log0(f"{path}: dropping its last line, torn by a run killed while writing it")
+            if repair:
+                path.write_text("".join(ln + "\n" for ln in lines[:-1]))
+    return rows

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from redi_ds.losses import SequenceLoss, StepTotals, build_loss
 from redi_ds.passes import Batcher, HeldoutProbe, reference_pass
 from redi_ds.schedule import lr_lambda, make_optimizer, resolve_precision, step_indices
 from redi_ds.stage import StageDir
+from redi_ds.textio import writable_dir
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -191,7 +193,8 @@ def build(cfg: Config) -> Run:
     ds_config.check_sequence_parallel(ds, getattr(cfg, "_source", "config"))
     torch.manual_seed(cfg.run.seed)
     loss_fn = build_loss(cfg.loss)
-    model_path = resolve_model_path(cfg.model.name_or_path, cfg.run.output_dir)
+    writable_dir(cfg.run.output_dir, "run.output_dir")
+    model_path = resolve_model_path(cfg.model.name_or_path, cfg.run.output_dir)  # "@sft": a finished stage's export
     tokenizer = load_tokenizer(cfg.model, model_path)
     data, lengths = load_data(cfg, loss_fn.layout, tokenizer)
     total_steps = count_steps(cfg, len(data))
@@ -228,7 +231,9 @@ def build(cfg: Config) -> Run:
         start_step = int(client["step"])
         log0(f"resumed from {resume_from} at step {start_step}")
     if resume_from is None or resume_from.parent != store.root:
-        store.move_aside("run.resume: never" if resume_from is None else f"resuming from {resume_from}")
+        why = "run.resume: never" if cfg.run.resume == "never" else \
+            "no checkpoint here verifies" if resume_from is None else f"resuming from {resume_from}"
+        store.move_aside(why)
     tracker = start_tracking(cfg, rank, world, accum, len(data), start_step, total_steps, model_path)
     from tqdm import tqdm
 
@@ -430,9 +435,13 @@ def finish(run: Run) -> TrainResult:
     export_dir = run.stage_dir / "export"
     if cfg.train.export:
         state = consolidated_state_dict(run.engine)
-        if rank == 0:
-            export_hf(state, run.hf_model, run.tokenizer, str(export_dir))
-            save_config(cfg, export_dir / "redi_ds_config.yaml")
+        if rank == 0:  # complete or absent, like a checkpoint: written aside, renamed into place
+            partial = export_dir.with_name("export.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            export_hf(state, run.hf_model, run.tokenizer, str(partial))
+            save_config(cfg, partial / "redi_ds_config.yaml")
+            shutil.rmtree(export_dir, ignore_errors=True)
+            os.replace(partial, export_dir)
         dist.barrier()
         result.export = str(export_dir)
     if rank == 0:

@@ -69,7 +69,7 @@ def test_unknown_benchmark_is_a_one_line_error(bad):
 
 
 @pytest.mark.parametrize("content,fragment", [
-    ('{"id": 1, "problem": "p", "answer": "1"}\n{"id": 2, "problem": "q", "answer": "2"\n', ":2: not valid JSON"),
+    ('{"id": 1, "problem": "p", "answer": "1"}\n{"id": 2, "problem": "q", "answer": "2"\n', ":2: invalid JSON"),
     ('{"id": 1, "problem": "", "answer": "1"}\n', "empty 'problem'"),
     ('{"id": 1, "problem": "p"}\n', "missing 'answer'"),
     ('{"id": 1, "problem": "p", "answer": []}\n', "'answer'"),

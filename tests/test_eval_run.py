@@ -319,8 +319,10 @@ def test_eval_options_defaults_types_and_cli_mapping(monkeypatch):
 
 @pytest.mark.parametrize("changes,fragment", [
     ({"samples": 0}, "samples must be >= 1, got 0"),
-    ({"temperature": -0.1}, "need temperature >= 0"),
-    ({"temperature": float("nan")}, "need temperature >= 0"),
+    ({"temperature": -0.1}, "need a finite temperature >= 0"),
+    ({"temperature": float("nan")}, "need a finite temperature >= 0"),
+    ({"temperature": float("inf")}, "need a finite temperature >= 0"),
+    ({"batch_size": 0}, "batch_size must be >= 1 (or unset), got 0"),
     ({"top_p": 0.0}, "0 < top_p <= 1"),
     ({"top_p": 1.5}, "0 < top_p <= 1"),
     ({"max_new_tokens": 0}, "max_new_tokens >= 1"),

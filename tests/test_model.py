@@ -81,8 +81,16 @@ def test_data_order_is_a_function_of_seed_and_step():
     assert step_indices(10, 4, seed=1, step=1, shuffle=False) == [4, 5, 6, 7]
 
 
-def test_sft_export_reference():
-    assert resolve_model_path("@sft", "runs/x") == "runs/x/sft/export"
+def test_sft_export_reference(tmp_path):
+    """@sft is the SFT stage's export once that stage is done; before (an export a kill left half-written, say)
+    it is a one-line error that says how to finish it."""
+    from redi_ds.errors import ConfigError
+
+    (tmp_path / "sft" / "export").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"the sft stage in .* is not finished \(no done marker\); run --stage sft"):
+        resolve_model_path("@sft", str(tmp_path))
+    (tmp_path / "sft" / "done").write_text("{}")
+    assert resolve_model_path("@sft", str(tmp_path)) == str(tmp_path / "sft" / "export")
     assert resolve_model_path("Qwen/Qwen2.5-Math-1.5B", "runs/x") == "Qwen/Qwen2.5-Math-1.5B"
 
 

@@ -15,9 +15,11 @@ Nothing here raises on bad data: a malformed row becomes a :class:`Bad` with a s
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass
 from typing import Any, Optional, Union
+
+from redi_ds.textio import BadLine, parse_json
 
 PAPER_FLAGS = ("llama_verification", "math_verify_reparsed_answer")
 DEFAULT_SPLIT_FLAGS = ("correctness_math_verify",)
@@ -30,6 +32,8 @@ UNKNOWN, INCORRECT, CORRECT = -1, 0, 1
 INVALID_UTF8 = "invalid_utf8"  # a JSON Lines line that is not valid UTF-8 (never decoded with replacements)
 INVALID_JSON = "invalid_json"
 DUPLICATE_KEY = "duplicate_key"  # a JSON object (at any depth) with the same key twice
+LONE_SURROGATE = "lone_surrogate"  # a "\\ud800" escape: not text, no tokenizer or Arrow column can hold it
+NON_FINITE_ANSWER = "non_finite_answer"  # "answer": NaN or Infinity
 NOT_AN_OBJECT = "not_an_object"
 MISSING_PROBLEM = "missing_problem"
 NON_STRING_PROBLEM = "non_string_problem"
@@ -89,27 +93,13 @@ def truthy(value: Any) -> bool:
     return False
 
 
-class _DuplicateKey(Exception):
-    pass
-
-
-def _unique_keys(pairs: list) -> dict:
-    """``object_pairs_hook`` for ``json.loads``: a dict, or :class:`_DuplicateKey` when a key repeats (plain
-    ``json.loads`` would silently keep the last value)."""
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise _DuplicateKey
-    return obj
-
-
 def parse_line(line: str) -> Union[dict, Bad]:
-    """One JSON Lines line -> its object, or a Bad (invalid JSON, not an object, a duplicate key at any depth)."""
+    """One JSON Lines line -> its object, or a Bad (invalid or too deep JSON, not an object, a duplicate key at any
+    depth, a lone surrogate escape): the same reader as training and evaluation (redi_ds.textio)."""
     try:
-        row = json.loads(line, object_pairs_hook=_unique_keys)
-    except _DuplicateKey:
-        return Bad(DUPLICATE_KEY)
-    except (ValueError, RecursionError):
-        return Bad(INVALID_JSON)
+        row = parse_json(line)
+    except BadLine as e:
+        return Bad(e.code)
     return row if isinstance(row, dict) else Bad(NOT_AN_OBJECT)
 
 
@@ -142,6 +132,8 @@ def _answer(row: dict) -> Union[str, Bad, None]:
         return None
     if isinstance(value, bool):
         return Bad(NON_STRING_ANSWER)
+    if isinstance(value, float) and not math.isfinite(value):
+        return Bad(NON_FINITE_ANSWER)
     if isinstance(value, (int, float)):
         return str(value)
     if not isinstance(value, str):

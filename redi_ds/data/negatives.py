@@ -73,7 +73,7 @@ def load_problems(path: str, split: str = "train") -> list[dict]:
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[split]
         elif path.endswith((".jsonl", ".json")):
-            ds = datasets.load_dataset("json", data_files=path, split="train")
+            return _jsonl_problems(path)
         elif path.endswith(".parquet"):
             ds = datasets.load_dataset("parquet", data_files=path, split="train")
         else:
@@ -84,6 +84,19 @@ def load_problems(path: str, split: str = "train") -> list[dict]:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise NegativesError(f"{path}: cannot load ({first})") from None
     return [dict(row, ref=f"{os.path.basename(path.rstrip('/'))} row {i}") for i, row in enumerate(ds)]
+
+
+def _jsonl_problems(path: str) -> list[dict]:
+    """A JSON Lines file read line by line: a bad line (not UTF-8, invalid JSON, a duplicate key, a lone surrogate)
+    is a one-line error naming the file and the line, as in training."""
+    from redi_ds.textio import iter_jsonl
+
+    rows = []
+    for lineno, row, bad in iter_jsonl(path):
+        if bad:
+            raise NegativesError(f"{path}:{lineno}: {bad}")
+        rows.append(dict(row, ref=f"{os.path.basename(path)}:{lineno}"))
+    return rows
 
 
 def sample_negatives(model, rows: list[dict], options: EvalOptions, *, progress: bool = True
@@ -192,6 +205,13 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "redi-ds negatives") 
         print(f"error: {args.out}/pairs exists; choose another --out", file=sys.stderr)
         return 2
     try:
+        from redi_ds.errors import ConfigError
+        from redi_ds.textio import writable_dir
+
+        try:
+            writable_dir(args.out, "--out")  # before sampling and grading anything
+        except ConfigError as e:
+            raise NegativesError(str(e)) from None
         options.check()
         rows = load_problems(args.data, args.split)
         if options.limit:

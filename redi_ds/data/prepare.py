@@ -29,6 +29,8 @@ import xxhash
 from redi_ds.config import PAPER_SYSTEM_PROMPT
 from redi_ds.data import decontam as dc
 from redi_ds.data import layouts, prepare_stats
+from redi_ds.errors import ConfigError
+from redi_ds.textio import writable_dir
 from redi_ds.data.prepare_io import PrepareError, detect, open_source
 from redi_ds.data.prepare_map import (
     PROBLEM_FEATURES,
@@ -150,6 +152,22 @@ def _fail_if_all_bad(table, label: str) -> None:
         raise PrepareError(f"{label}: no usable rows: all {table.num_rows} rows are malformed ({reasons})")
 
 
+def _check_options(opts: PrepareOptions) -> None:
+    """Values that would silently change the output (0-grams mark everything contaminated; a threshold outside
+    (0, 1] turns decontamination off) are one-line errors, before any work."""
+    if opts.pairing not in ("first", "zip", "all"):
+        raise PrepareError(f"--pairing must be first, zip or all (got {opts.pairing!r})")
+    if opts.ngram < 1:
+        raise PrepareError(f"--ngram must be >= 1 (got {opts.ngram})")
+    if not 0 < opts.decontam_threshold <= 1:
+        raise PrepareError(f"--decontam-threshold must be in (0, 1] (got {opts.decontam_threshold})")
+    for name in ("max_pairs", "max_prompt_tokens", "max_response_tokens", "sft_max_tokens"):
+        if getattr(opts, name) < 0:
+            raise PrepareError(f"--{name.replace('_', '-')} must be >= 0 (0: no limit; got {getattr(opts, name)})")
+    if opts.num_proc < 1 or opts.batch_size < 1:
+        raise PrepareError(f"--num-proc and --batch-size must be >= 1 (got {opts.num_proc}, {opts.batch_size})")
+
+
 def _check_out(out: str) -> None:
     for name in ("sft", "pairs"):
         p = os.path.join(out, name)
@@ -165,14 +183,17 @@ def prepare(opts: PrepareOptions) -> dict:
 
     if opts.quiet:
         datasets.disable_progress_bars()
-    if opts.pairing not in ("first", "zip", "all"):
-        raise PrepareError(f"--pairing must be first, zip or all (got {opts.pairing!r})")
+    _check_options(opts)
     try:
         spec = layouts.parse_flag_spec(opts.flags)
     except ValueError as e:
         raise PrepareError(str(e)) from None
-    _check_out(opts.out)
     created = not os.path.exists(opts.out)
+    try:
+        writable_dir(opts.out, "--out")
+    except ConfigError as e:
+        raise PrepareError(str(e)) from None
+    _check_out(opts.out)
     os.makedirs(opts.out, exist_ok=True)
     work = os.path.join(opts.out, f".prepare-work-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)

@@ -38,6 +38,8 @@ def _iter_lines(files):
             for i, raw in enumerate(f, 1):  # binary iteration splits on b"\n" only (not U+2028 etc.)
                 try:
                     line = raw.decode("utf-8").strip()
+                    if i == 1:
+                        line = line.removeprefix("\ufeff").strip()  # a UTF-8 BOM is no part of the first record
                 except UnicodeDecodeError:
                     yield i, name, None
                     continue

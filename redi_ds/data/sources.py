@@ -13,13 +13,13 @@ file, the line (JSONL) or row, and the field.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable
 
 from redi_ds.data.errors import DataError
 from redi_ds.data.layout import PAIRS, SFT_ROWS, RowLayout
+from redi_ds.textio import iter_jsonl
 
 PROMPT_ALIASES = ("prompt", "problem")
 
@@ -44,39 +44,45 @@ def _canonical(row: dict, layout: RowLayout, where: Callable[[str], str]) -> dic
     return out
 
 
+def _jsonl_rows(path: str, layout: RowLayout) -> list[dict]:
+    """Canonical rows of one JSONL file; any bad line (not UTF-8, invalid or too deep JSON, a duplicate key, a lone
+    surrogate, a missing or empty field) is a one-line DataError naming the file, the line and the field."""
+    rows = []
+    for lineno, row, bad in iter_jsonl(path):
+        if bad:
+            raise DataError(f"{path}:{lineno}: {bad}")
+        rows.append(_canonical(row, layout, lambda field: f"{path}:{lineno}"))
+    return rows
+
+
 def _from_jsonl(path: str, layout: RowLayout, split: str):
     import datasets
 
-    rows = []
-    with open(path, "rb") as f:  # binary: a byte that is not UTF-8 is reported with its line, not a traceback
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
-                                ) from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(_canonical(row, layout, lambda field: f"{path}:{lineno}"))
+    rows = _jsonl_rows(path, layout)
     if not rows:
         raise DataError(f"{path}: no rows")
     return datasets.Dataset.from_list(rows)
 
 
+def _from_jsonl_folder(path: str, layout: RowLayout, split: str):
+    """A folder of .jsonl files (read in name order, each line checked like a single file)."""
+    import datasets
+
+    files = sorted(str(f) for f in Path(path).glob("*.jsonl"))
+    rows = [r for f in files for r in _jsonl_rows(f, layout)]
+    if not rows:
+        raise DataError(f"{path}: its .jsonl files hold no rows")
+    return datasets.Dataset.from_list(rows)
+
+
 def _check_dataset(ds, layout: RowLayout, label: str):
     cols = set(ds.column_names)
+    if len(ds) == 0:
+        raise DataError(f"{label}: empty (no rows)")
     for name in layout.fields:
         names = PROMPT_ALIASES if name == "prompt" else (name,)
         if not cols.intersection(names):
             raise DataError(f"{label}: missing field {name!r} (columns: {', '.join(sorted(cols))})")
-    if len(ds) == 0:
-        raise DataError(f"{label}: no rows")
     prompt_col = next(k for k in PROMPT_ALIASES if k in cols)
     ds = ds.select_columns([prompt_col] + [c for c in layout.fields if c != "prompt"])
     for i, row in enumerate(ds):  # streams through Arrow: validates without holding rows
@@ -146,6 +152,7 @@ def _from_synthetic(path: str, layout: RowLayout, split: str, *, size: int = 256
 SOURCES: dict[str, Callable] = {
     "synthetic": _from_synthetic,
     "jsonl": _from_jsonl,
+    "jsonl_folder": _from_jsonl_folder,
     "files": _from_files,
     "prepared": _from_prepared,
     "disk": _from_disk,
@@ -164,6 +171,8 @@ def detect_source(path: str) -> str:
             return "prepared"
         if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists():
             return "disk"
+        if any(p.glob("*.jsonl")) and not any(p.glob("*.parquet")):
+            return "jsonl_folder"
         return "hub"  # a folder of data files: datasets.load_dataset handles it
     if os.sep in path and not path.count("/") == 1:
         raise DataError(f"{path}: no such file or folder")

@@ -66,12 +66,17 @@ def register_backend(cls: type[Generator]) -> type[Generator]:
     return cls
 
 
+def check_backend_name(name: str) -> None:
+    """A one-line EvalError for a backend name that is neither ``auto`` nor registered."""
+    if name != "auto" and name not in BACKENDS:
+        raise EvalError(f"unknown backend {name!r} (known: auto, {', '.join(sorted(BACKENDS))})")
+
+
 def build_generator(name: str, model: Any, **kwargs: Any) -> Generator:
     """Instantiate backend ``name`` (``auto``: the first available in ``AUTO_ORDER``)."""
+    check_backend_name(name)
     if name == "auto":
         name = next((n for n in AUTO_ORDER if n in BACKENDS and BACKENDS[n].available()), "hf")
-    if name not in BACKENDS:
-        raise EvalError(f"unknown backend {name!r} (known: auto, {', '.join(sorted(BACKENDS))})")
     cls = BACKENDS[name]
     if not cls.available():
         raise EvalError(f"backend {name!r} is not available here (vllm needs `pip install vllm` and a CUDA GPU)")

@@ -21,13 +21,13 @@ A path to a JSONL file with ``problem`` and ``answer`` fields is accepted wherev
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
 from redi_ds.eval.errors import EvalError
+from redi_ds.textio import iter_jsonl
 
 
 @dataclass(frozen=True)
@@ -152,21 +152,15 @@ def load_benchmark(name: str) -> list[dict]:
     and the source fields. A malformed file raises :class:`EvalError` naming the file and line."""
     spec = get_spec(name)
     path = spec.path
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise EvalError(f"cannot read benchmark file {path}: {e}") from None
     rows: list[dict] = []
     seen: set[str] = set()
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            src = json.loads(line)
-        except ValueError as e:
-            raise _bad(path, lineno, f"not valid JSON ({e})") from None
-        if not isinstance(src, dict):
-            raise _bad(path, lineno, "each line must be a JSON object")
+    try:
+        records = list(iter_jsonl(str(path)))
+    except OSError as e:
+        raise EvalError(f"cannot read benchmark file {path}: {e.strerror or e}") from None
+    for lineno, src, bad in records:  # not UTF-8, invalid JSON, a duplicate key, a lone surrogate: one line
+        if bad:
+            raise _bad(path, lineno, bad)
         problem = src.get("problem", src.get("question"))
         if not isinstance(problem, str) or not problem.strip():
             raise _bad(path, lineno, "missing or empty 'problem'")

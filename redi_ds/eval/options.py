@@ -55,10 +55,13 @@ class EvalOptions:
         temperature, top_p = _number("temperature", self.temperature), _number("top_p", self.top_p)
         if samples < 1:
             raise EvalError(f"samples must be >= 1, got {self.samples}")
-        if not (temperature >= 0 and 0 < top_p <= 1):
-            raise EvalError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if not (0 <= temperature < float("inf") and 0 < top_p <= 1):
+            raise EvalError(f"need a finite temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, "
+                            f"{self.top_p}")
         if max_new_tokens < 1 or limit < 0:
             raise EvalError(f"need max_new_tokens >= 1 and limit >= 0, got {self.max_new_tokens}, {self.limit}")
+        if self.batch_size is not None and _integer("batch_size", self.batch_size) < 1:
+            raise EvalError(f"batch_size must be >= 1 (or unset), got {self.batch_size}")
 
 
 def _integer(name: str, value) -> int:

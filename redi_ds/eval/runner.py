@@ -39,7 +39,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from redi_ds.eval.benchmarks import BENCHMARKS, get_spec, load_benchmark, resolve_benchmarks
+from redi_ds.errors import ConfigError
 from redi_ds.eval.errors import EvalError
+from redi_ds.textio import writable_dir
 from redi_ds.eval.grading import STATS, extract_answer, grade_many
 from redi_ds.eval.metrics import summarize_benchmark
 from redi_ds.eval.options import EvalOptions
@@ -242,6 +244,10 @@ def run_eval(
         out_dir = _default_out_dir(model)
     out = Path(out_dir).expanduser()
     created = not out.exists()
+    try:
+        writable_dir(str(out), "--out")  # a file, under a file, read-only: one line before any generation
+    except ConfigError as e:
+        raise EvalError(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)
     signature = _run_signature(model, {
         "benchmarks": names, "samples": samples, "temperature": temperature, "top_p": top_p,
