@@ -19,7 +19,6 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
-from importlib import resources
 from typing import Optional
 
 import numpy as np
@@ -96,12 +95,10 @@ class PrepareOptions:
     quiet: bool = False
 
 
-def _bundled_tokenizer() -> str:
-    return str(resources.files("redi_ds") / "assets" / "tokenizer" / "qwen2.5")
-
-
 def _resolve_tokenizer(opts: PrepareOptions) -> tuple:
-    path = _bundled_tokenizer() if opts.tokenizer == "qwen2.5" else opts.tokenizer
+    from redi_ds.eval.prompting import resolve_tokenizer
+
+    path = resolve_tokenizer(opts.tokenizer)  # a bundled name (qwen2.5, arith) or a folder / hub name
     template = opts.chat_template
     if template is None and opts.tokenizer == "qwen2.5":
         template = os.path.join(path, PAPER_TEMPLATE)

@@ -121,7 +121,13 @@ def _from_files(path: str, layout: RowLayout, split: str):
         raise DataError(f"{path}: unsupported file type {Path(path).suffix or '(none)'!r} (expected .jsonl, "
                         ".json, .parquet, a save_to_disk folder, a prepare output folder, or a dataset name)")
     try:
+        import pyarrow.parquet as pq
+
+        if pq.ParquetFile(path).metadata.num_rows == 0:
+            raise DataError(f"{path}: empty (no rows)")
         ds = datasets.load_dataset("parquet", data_files=path, split="train")
+    except DataError:
+        raise
     except Exception as e:  # noqa: BLE001 - a corrupt or truncated file becomes one line
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise DataError(f"{path}: cannot read as Parquet ({type(e).__name__}: {first})") from None

@@ -61,6 +61,9 @@ def resolve_chat_template(chat_template: Optional[str]) -> Optional[str]:
         return f.read()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def load_tokenizer(model: Any, tokenizer: Optional[str] = None, chat_template: Optional[str] = None):
     """The HF tokenizer for ``model`` (or ``tokenizer``: a path, hub name or ``qwen2.5`` for the bundled
     one), left-padded, with ``chat_template`` applied. Errors become :class:`EvalError`."""
@@ -69,6 +72,10 @@ def load_tokenizer(model: Any, tokenizer: Optional[str] = None, chat_template: O
     source = resolve_tokenizer(tokenizer if tokenizer is not None else model)
     if not isinstance(source, (str, os.PathLike)):
         raise EvalError("pass tokenizer= (a path or hub name) when the model is an in-memory object")
+    folder = os.path.expanduser(str(source))
+    if os.path.isdir(folder) and not any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        raise EvalError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); pass "
+                        "--tokenizer (a folder, a hub name or qwen2.5)")
     try:
         tok = AutoTokenizer.from_pretrained(str(source))
     except Exception as e:
