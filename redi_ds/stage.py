@@ -93,18 +93,28 @@ class StageDir:
             return None
         if latest_checkpoint is None or latest_checkpoint.name != done.get("checkpoint"):
             return None
-        differ = config_differences(saved, json.loads(json.dumps(cfg.to_dict())))
+        now = json.loads(json.dumps(cfg.to_dict()))
+        differ = config_differences(saved, now)
         if differ:
             shown = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in differ[:4]) + (" ..." if len(differ) > 4 else "")
             raise ConfigError(f"{self.path} is a finished stage trained with another config: {shown}; it is not "
                               "retrained or rewritten. To train it again with this config pass --run.resume never "
                               "(its checkpoints are moved aside), or choose another run.output_dir")
+        if any(_get(saved, k) != _get(now, k) for k in LONGER):
+            return None  # more steps: the run resumes from the final checkpoint and trains on
         return result
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 # keys that do not change what a stage trains: where it logs, how it is evaluated, how often it saves
 UNTRAINED = ("run.resume", "tracking.", "eval.", "kernel.", "train.save_every", "train.keep_checkpoints",
              "train.log_every", "train.stop_after_steps", "train.max_nonfinite_steps")
+LONGER = ("train.max_steps", "train.epochs")  # a finished stage asked for more steps trains on from its end
 
 
 def config_differences(saved: dict, now: dict) -> list[tuple[str, object, object]]:
@@ -118,8 +128,9 @@ def config_differences(saved: dict, now: dict) -> list[tuple[str, object, object
 
     a, b = flat(saved), flat(now)
     keys = sorted(set(a) | set(b))
+    skip = UNTRAINED + LONGER
     return [(k, a.get(k), b.get(k)) for k in keys
-            if a.get(k) != b.get(k) and not any(k == u or (u.endswith(".") and k.startswith(u)) for u in UNTRAINED)]
+            if a.get(k) != b.get(k) and not any(k == u or (u.endswith(".") and k.startswith(u)) for u in skip)]
 
 
 def read_rows(path: Path, repair: bool = False) -> list[dict]:
