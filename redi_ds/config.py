@@ -78,7 +78,10 @@ class ModelConfig:
 class DataConfig:
     path: str = ""  # JSONL file, save_to_disk folder, a prepare output folder, "synthetic", or an HF dataset name
     split: str = "train"
-    system_prompt: Optional[str] = PAPER_SYSTEM_PROMPT  # None: no system turn beyond the template's default
+    format: str = "auto"  # auto | plain | messages: rows of strings, or chat messages (redi_ds.data.conversation)
+    train_on: str = "all"  # messages SFT: all assistant turns, or last_turn (pairs train the final turn)
+    # None: no system turn beyond the template's default; a conversation's own system turn wins over this
+    system_prompt: Optional[str] = PAPER_SYSTEM_PROMPT
     max_prompt_length: int = 800  # tokens; longer examples are skipped and counted
     max_length: int = 4096  # prompt + response tokens; longer examples are skipped and counted
     padding_free: bool = False  # pack a micro batch into one row with position_ids
@@ -416,6 +419,8 @@ _CHOICES = {
     "model.liger": ("auto", "on", "off"),
     "train.schedule": ("linear", "cosine", "constant"),
     "deepspeed.precision": ("auto", "bf16", "fp16", "fp32"),
+    "data.format": ("auto", "plain", "messages"),
+    "data.train_on": ("all", "last_turn"),
 }
 
 

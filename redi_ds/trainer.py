@@ -257,7 +257,7 @@ def encoder(cfg: Config, tokenizer):
     this run (what the training data and the held-out pairs are both tokenized with)."""
     from redi_ds.data.tokenize import ChatEncoder, encode_dataset
 
-    chat = ChatEncoder(tokenizer, cfg.data.system_prompt)
+    chat = ChatEncoder(tokenizer, cfg.data.system_prompt, cfg.data.train_on)
     return lambda raw, layout: encode_dataset(raw, layout, chat, cfg.data.max_prompt_length, cfg.data.max_length)
 
 
@@ -266,7 +266,7 @@ def load_data(cfg: Config, layout: RowLayout, tokenizer):
     from redi_ds.data.sources import load_source
 
     raw = load_source(cfg.data.path, layout, cfg.data.split, synthetic_size=cfg.data.synthetic_size,
-                      seed=cfg.run.seed)
+                      seed=cfg.run.seed, data_format=cfg.data.format)
     if cfg.data.limit > 0:
         raw = raw.select(range(min(cfg.data.limit, len(raw))))
     data, skipped = encoder(cfg, tokenizer)(raw, layout)

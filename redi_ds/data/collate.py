@@ -25,14 +25,25 @@ from redi_ds.data.layout import SFT_ROWS, RowLayout
 from redi_ds.kernels.reference import IGNORE_INDEX
 
 
-def _sequences(examples: list[dict], layout: RowLayout) -> list[tuple[list[int], int, int]]:
-    """(token ids, prompt length, span start) per sequence, in the order the losses expect. The span start is
+def _trained(prompt_len: int, response_len: int, spans=None) -> list[bool]:
+    """Per token: is it trained? The response's ``spans`` ([start, end) runs) or, without them, all of it."""
+    flags = [False] * prompt_len + ([True] * response_len if spans is None else [False] * response_len)
+    for s, e in spans or ():
+        flags[prompt_len + s:prompt_len + e] = [True] * (e - s)
+    return flags
+
+
+def _sequences(examples: list[dict], layout: RowLayout) -> list[tuple[list[int], list[bool], int]]:
+    """(token ids, trained flags, span start) per sequence, in the order the losses expect. The span start is
     the response index where the sequence's divergent span begins: 0, except for a rejected response, where it
     is the length of the prefix it shares with the chosen one (its first token that departs from it)."""
     if layout == SFT_ROWS:
-        return [(e["prompt_ids"] + e["response_ids"], len(e["prompt_ids"]), 0) for e in examples]
-    chosen = [(e["prompt_ids"] + e["chosen_ids"], len(e["prompt_ids"]), 0) for e in examples]
-    rejected = [(e["prompt_ids"] + e["rejected_ids"], len(e["prompt_ids"]),
+        return [(e["prompt_ids"] + e["response_ids"],
+                 _trained(len(e["prompt_ids"]), len(e["response_ids"]), e.get("response_spans")), 0)
+                for e in examples]
+    chosen = [(e["prompt_ids"] + e["chosen_ids"], _trained(len(e["prompt_ids"]), len(e["chosen_ids"])), 0)
+              for e in examples]
+    rejected = [(e["prompt_ids"] + e["rejected_ids"], _trained(len(e["prompt_ids"]), len(e["rejected_ids"])),
                  common_prefix(e["chosen_ids"], e["rejected_ids"])) for e in examples]
     return chosen + rejected
 
@@ -46,14 +57,15 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _shifted_targets(ids: list[int], prompt_len: int) -> list[int]:
-    # position t predicts ids[t+1]; only response tokens (index >= prompt_len) are targets
-    return [ids[t + 1] if t + 1 >= prompt_len else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
+def _shifted_targets(ids: list[int], trained: list[bool]) -> list[int]:
+    # position t predicts ids[t+1]; only trained tokens (the assistant's) are targets
+    return [ids[t + 1] if trained[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
 
 
-def _span_flags(ids: list[int], prompt_len: int, start: int) -> list[bool]:
-    # position t's target is response token t + 1 - prompt_len: in the span from index `start` on
-    return [t + 1 - prompt_len >= start for t in range(len(ids) - 1)] + [False]
+def _span_flags(ids: list[int], trained: list[bool], start: int) -> list[bool]:
+    # position t's target is response token t + 1 - first trained token: in the span from index `start` on
+    first = trained.index(True) if True in trained else len(trained)
+    return [t + 1 - first >= start for t in range(len(ids) - 1)] + [False]
 
 
 def collate(examples: list[dict], layout: RowLayout, pad_id: int, padding_free: bool = False) -> dict:
@@ -61,8 +73,8 @@ def collate(examples: list[dict], layout: RowLayout, pad_id: int, padding_free: 
     if padding_free:
         ids = [t for s, _, _ in seqs for t in s]
         pos = [i for s, _, _ in seqs for i in range(len(s))]
-        tgt = [t for s, p, _ in seqs for t in _shifted_targets(s, p)]
-        span = [f for s, p, d in seqs for f in _span_flags(s, p, d)]
+        tgt = [t for s, m, _ in seqs for t in _shifted_targets(s, m)]
+        span = [f for s, m, d in seqs for f in _span_flags(s, m, d)]
         sid = [k for k, (s, _, _) in enumerate(seqs) for _ in s]
         as_row = lambda x, dt=torch.long: torch.tensor([x], dtype=dt)  # noqa: E731
         batch = {"input_ids": as_row(ids), "position_ids": as_row(pos), "attention_mask": None,
@@ -74,10 +86,10 @@ def collate(examples: list[dict], layout: RowLayout, pad_id: int, padding_free: 
     targets = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
     span = torch.zeros((n, width), dtype=torch.bool)
-    for i, (s, p, d) in enumerate(seqs):
+    for i, (s, m, d) in enumerate(seqs):
         input_ids[i, : len(s)] = torch.tensor(s)
-        targets[i, : len(s)] = torch.tensor(_shifted_targets(s, p))
-        span[i, : len(s)] = torch.tensor(_span_flags(s, p, d))
+        targets[i, : len(s)] = torch.tensor(_shifted_targets(s, m))
+        span[i, : len(s)] = torch.tensor(_span_flags(s, m, d))
         mask[i, : len(s)] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     batch = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask,
