@@ -34,6 +34,7 @@ setup(
         "math-verify>=0.7",
         "matplotlib",
         "packaging",
+        "peft>=0.13",
     ],
     extras_require={
         "test": ["pytest>=8", "ruff", "triton>=3.0", "liger-kernel>=0.5"],

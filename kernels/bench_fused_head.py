@@ -34,7 +34,7 @@ import time
 import torch
 
 METHODS = ["naive", "liger_chunked_simpo", "liger_flce_none", "cce", "torch_twin", "torch_twin_c1024",
-           "torch_twin_c256", "triton"]
+           "torch_twin_c256", "torch_twin_frozen_head", "triton", "triton_frozen_head"]
 
 
 def _rss() -> int:
@@ -82,6 +82,12 @@ def build(method, hidden, weight, labels, coeffs, device):
     w_tok = torch.where(labels != -100, coeffs[seq], torch.zeros((), device=device))
     if method == "naive":
         return lambda: (coeffs * reference_sequence_logprobs(hidden, weight, labels)[0]).sum()
+    if method.endswith("_frozen_head"):  # LoRA: the head is frozen, no d(weight) matmul (a third of the FLOPs)
+        if method.startswith("triton") and device != "cuda":
+            raise RuntimeError("skip: GPU only")
+        weight.requires_grad_(False)
+        opts = FusedHeadOptions(impl=method.split("_")[0])
+        return lambda: fused_linear_loss(hidden, weight, labels, coeffs, options=opts)[0]
     if method.startswith("torch_twin"):  # torch_twin: chunk_size "auto"; torch_twin_cN: N tokens per block
         opts = FusedHeadOptions(impl="torch", chunk_size=int(method[len("torch_twin_c"):]) if "_c" in method
                                 else "auto")
@@ -129,7 +135,8 @@ def run_one(args) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     hidden, weight, labels, coeffs = make_inputs(args, device, dtype)
     n_valid = int((labels != -100).sum())
-    grad_bytes = hidden.numel() * hidden.element_size() + weight.numel() * weight.element_size()
+    grad_bytes = hidden.numel() * hidden.element_size() + \
+        (0 if (args.only or "").endswith("_frozen_head") else weight.numel() * weight.element_size())
     try:
         fn = build(args.only, hidden, weight, labels, coeffs, device)
     except RuntimeError as e:

@@ -14,7 +14,8 @@ so a run stopped at its time limit still leaves what it measured):
 2. ``pytest``: ``pytest -m gpu tests/test_kernels.py`` (the CUDA cases of the kernel tests).
 3. ``bench``: forward + backward of one objective, the token-mean NLL of all N tokens (SFT; REDI has the same
    cost: one coefficient per sequence), bf16, V = 151,936, for each H and N, by every method: our triton impl
-   single pass (``fused_linear_loss``) and two-pass (``fused_sequence_logprobs``, what DPO and SimPO use), our
+   single pass (``fused_linear_loss``), with a frozen head (LoRA: no d(weight)) and two-pass
+   (``fused_sequence_logprobs``, what DPO and SimPO use), our
    torch twin, the naive logits path, Liger's fused linear cross-entropy, cut-cross-entropy's
    ``linear_cross_entropy``. Time: CUDA events, 2 warm-ups, the median of 5, the inputs rotated over 3 sets.
    Memory: peak allocated during the measured call minus allocated before (inputs resident, grads None).
@@ -50,7 +51,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("correctness", "pytest", "bench", "train")
-METHODS = ("triton", "triton_2pass", "torch_twin", "naive", "liger_flce", "cce")
+METHODS = ("triton", "triton_2pass", "triton_frozen_head", "torch_twin", "naive", "liger_flce", "cce")
 QWEN_VOCAB = 151936
 QWEN15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                num_key_value_heads=2, vocab_size=QWEN_VOCAB, max_position_embeddings=32768, rope_theta=10000.0,
@@ -209,7 +210,7 @@ def _objective(method: str, hidden, weight, labels, coeffs):
 
     n_tok = int((labels != -100).sum())
     h2, y = hidden.view(-1, hidden.shape[-1]), labels.view(-1)
-    if method == "triton":
+    if method in ("triton", "triton_frozen_head"):  # frozen head (LoRA): no d(weight), a third of the FLOPs
         if hidden.device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
             raise Skip("needs CUDA")
         return lambda: fused_linear_loss(hidden, weight, labels, coeffs, options=FusedHeadOptions(impl="triton"))[0]
@@ -246,7 +247,8 @@ def bench_one(method: str, h: int, n: int, v: int, dtype, warmup: int, reps: int
     dev = device()
     rows_len = min(n, 2048)  # sequences of 2048 tokens: a coefficient per sequence, as REDI's
     g = torch.Generator(device=dev).manual_seed(h + n)
-    weight = (torch.randn(v, h, device=dev, dtype=dtype, generator=g) * (2.0 / math.sqrt(h))).requires_grad_()
+    weight = (torch.randn(v, h, device=dev, dtype=dtype, generator=g) * (2.0 / math.sqrt(h)))
+    weight.requires_grad_(not method.endswith("_frozen_head"))
     inputs = []
     for _ in range(sets):
         hidden = torch.randn(n // rows_len, rows_len, h, device=dev, dtype=dtype, generator=g).requires_grad_()

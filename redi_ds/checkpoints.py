@@ -184,7 +184,7 @@ class CheckpointStore:
         dist.barrier()
         try:
             engine.save_checkpoint(str(self.root), tag=partial.name, client_state={"step": step},
-                                   save_latest=False)
+                                   save_latest=False, exclude_frozen_parameters=cfg.model.lora.r > 0)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             raise TrainingError(self._write_failed(tag, e), local=True) from None
         _fault("kill_during_save", step)

@@ -61,6 +61,16 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft): r > 0 trains rank-r adapters on target_modules and freezes the rest (redi_ds.lora)."""
+
+    r: int = 0  # 0: off, full fine-tuning
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # peft's all-linear: never the head
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = "tiny"  # "tiny", a hub name, or a local HF folder (e.g. an SFT export)
     tokenizer: Optional[str] = None  # None: the model's own; "qwen2.5": the bundled Qwen2.5 tokenizer; or a path
@@ -72,6 +82,7 @@ class ModelConfig:
     rope_theta: Optional[float] = None  # override the model config's value
     max_position_embeddings: Optional[int] = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -504,6 +515,10 @@ def _check_data_and_model(cfg: Config, fail) -> None:
              f"and num_key_value_heads ({t.num_key_value_heads}) must divide num_attention_heads")
     if not (math.isfinite(t.rope_theta) and t.rope_theta > 0):
         fail(f"model.tiny.rope_theta = {t.rope_theta}; must be a finite number > 0")
+    lo = m.lora
+    if lo.r < 0 or not (math.isfinite(lo.alpha) and lo.alpha > 0) or not 0 <= lo.dropout < 1 or not lo.target_modules:
+        fail(f"model.lora: r = {lo.r} must be >= 0 (0: off), alpha = {lo.alpha} > 0, dropout = {lo.dropout} in "
+             f"[0, 1), target_modules non-empty")
 
 
 def _check_eval(e: EvalConfig, fail) -> None:

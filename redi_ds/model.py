@@ -310,13 +310,17 @@ def export_hf(state_dict: dict, hf_model, tokenizer, out_dir: str) -> None:
     """Write an HF folder (safetensors + config + tokenizer) from a full state dict of PolicyModel."""
     import transformers
 
+    from redi_ds import lora
+
     sd = {k[len("hf."):]: v.detach().cpu() for k, v in state_dict.items() if k.startswith("hf.")}
     dtype = next(iter(sd.values())).dtype  # export in the training precision (bf16 stays bf16)
     # an attention the family supports everywhere (training may have used flash-attention or Ulysses' core)
     cls = causal_lm_class(hf_model.config)
     fresh = transformers.AutoModelForCausalLM.from_config(
         hf_model.config, attn_implementation=attention_for(cls, "auto", cuda=False)).to(dtype)
-    missing, unexpected = fresh.load_state_dict(sd, strict=False)
+    if lora.is_peft(hf_model):  # the adapter to out_dir/adapter, the merged model to out_dir
+        fresh, sd = lora.export(fresh, hf_model, sd, out_dir), None
+    missing, unexpected = fresh.load_state_dict(sd, strict=False) if sd is not None else ([], [])
     fresh.tie_weights()
     tied = {name for name, p in fresh.named_parameters(remove_duplicate=False)
             if p is fresh.get_input_embeddings().weight}  # a tied head's key is its embedding's

@@ -180,7 +180,7 @@ def train(cfg: Config) -> TrainResult:
 def build(cfg: Config) -> Run:
     import deepspeed
 
-    from redi_ds import ds_config
+    from redi_ds import ds_config, lora
     from redi_ds.families import apply_liger, self_check
     from redi_ds.model import PolicyModel, build_model, load_tokenizer, resolve_model_path
 
@@ -211,6 +211,7 @@ def build(cfg: Config) -> Run:
                            cfg.run.seed, tokenizer)
     log0(self_check(hf_model, tokenizer, cfg.kernel, cfg.data.padding_free))  # exact, or one line and exit 2
     apply_liger(hf_model, cfg.model.liger)
+    hf_model = lora.apply(hf_model, cfg.model.lora)  # adapters on, the rest frozen (model.lora.r > 0)
     rows = 1 if cfg.data.padding_free else cfg.train.micro_batch_size * loss_fn.layout.sequences_per_example
     sp = parallel.setup(hf_model, cfg.deepspeed.sequence_parallel_size, rows, tokenizer.pad_token_id)
     policy = PolicyModel(hf_model, loss_fn, cfg.kernel, sp=sp)
@@ -227,7 +228,8 @@ def build(cfg: Config) -> Run:
     ref_logps = reference_pass(engine, data, batcher, micro) if loss_fn.needs_reference else None
 
     if resume_from is not None:
-        _, client = engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name)
+        _, client = engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name,
+                                           load_module_strict=not lora.enabled(cfg.model.lora))
         start_step = int(client["step"])
         log0(f"resumed from {resume_from} at step {start_step}")
     if resume_from is None or resume_from.parent != store.root:
