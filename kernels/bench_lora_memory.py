@@ -19,16 +19,9 @@ import sys
 import tempfile
 
 import torch
+from bench_fused_head import _hwm, _reset_hwm  # a sibling script (kernels/ is on the path when run as one)
 
 from redi_ds.ranks import is_rank0
-
-
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _state_bytes(engine) -> dict:
@@ -61,8 +54,7 @@ def run(args, lora_r: int) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     else:
-        with open("/proc/self/clear_refs", "w") as f:  # VmHWM back to the current RSS: this run's own peak
-            f.write("5")
+        _reset_hwm()  # VmHWM back to the current RSS: this run's own peak
     run_ = build(cfg)
     try:
         for s in range(3):

@@ -222,25 +222,29 @@ def _objective(method: str, hidden, weight, labels, coeffs):
     if method == "naive":
         return lambda: -reference_sequence_logprobs(hidden, weight, labels)[0].sum() / n_tok
     if method == "liger_flce":
-        if hidden.device.type != "cuda":
-            raise Skip("Liger's fused linear cross-entropy is a CUDA kernel")
-        try:
-            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-        except ImportError as e:
-            raise Skip(f"liger-kernel not importable ({e})")
-        def flce():
-            out = liger_fused_linear_cross_entropy(h2, weight, y, reduction="mean")
+        flce = _peer(hidden, "liger_kernel.transformers.functional", "liger_fused_linear_cross_entropy",
+                     "Liger's fused linear cross-entropy is a CUDA kernel")
+
+        def liger():
+            out = flce(h2, weight, y, reduction="mean")
             return out[0] if isinstance(out, tuple) else out
-        return flce
+        return liger
     if method == "cce":
-        if hidden.device.type != "cuda":
-            raise Skip("cut-cross-entropy needs CUDA")
-        try:
-            from cut_cross_entropy import linear_cross_entropy
-        except ImportError as e:
-            raise Skip(f"cut-cross-entropy not importable ({e})")
-        return lambda: linear_cross_entropy(h2, weight, y, reduction="mean")
+        cce = _peer(hidden, "cut_cross_entropy", "linear_cross_entropy", "cut-cross-entropy needs CUDA")
+        return lambda: cce(h2, weight, y, reduction="mean")
     raise ValueError(method)
+
+
+def _peer(hidden, module: str, name: str, cuda_only: str):
+    """A peer's function, or Skip (no CUDA, or the package missing)."""
+    import importlib
+
+    if hidden.device.type != "cuda":
+        raise Skip(cuda_only)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as e:
+        raise Skip(f"{module} not importable ({e})")
 
 
 def bench_one(method: str, h: int, n: int, v: int, dtype, warmup: int, reps: int, sets: int) -> dict:
