@@ -43,8 +43,7 @@ from redi_ds import parallel
 from redi_ds.checkpoints import CheckpointStore
 from redi_ds.ranks import log0
 from redi_ds.config import Config, grad_accum_steps, save_config
-from redi_ds.data import DataError
-from redi_ds.data.layout import RowLayout
+from redi_ds.data.pipeline import count_steps, load_stage_data, stage_encoder
 from redi_ds.distributed import StageLock, StopRequest, current_device, init_distributed, params_finite
 from redi_ds.errors import TrainingError
 from redi_ds.losses import SequenceLoss, StepTotals, build_loss
@@ -196,7 +195,7 @@ def build(cfg: Config) -> Run:
     writable_dir(cfg.run.output_dir, "run.output_dir")
     model_path = resolve_model_path(cfg.model.name_or_path, cfg.run.output_dir)  # "@sft": a finished stage's export
     tokenizer = load_tokenizer(cfg.model, model_path)
-    data, lengths = load_data(cfg, loss_fn.layout, tokenizer)
+    data, lengths = load_stage_data(cfg, loss_fn.layout, tokenizer)
     total_steps = count_steps(cfg, len(data))
 
     rank, world = init_distributed()
@@ -247,43 +246,11 @@ def build(cfg: Config) -> Run:
               scheduler=scheduler, ref_logps=ref_logps, start_step=start_step, total_steps=total_steps,
               store=store, tracker=tracker, lock=lock, stop=StopRequest(), bar=bar,
               guard=DivergenceGuard(cfg.train.max_nonfinite_steps),
-              probe=HeldoutProbe(cfg.eval.heldout_pairs, cfg.eval.heldout_every, encoder(cfg, tokenizer), batcher,
+              probe=HeldoutProbe(cfg.eval.heldout_pairs, cfg.eval.heldout_every, stage_encoder(cfg, tokenizer), batcher,
                                  micro) if cfg.eval.heldout_every else None)
     if run.probe is not None and start_step == 0:
         record_probe(run, run.probe.measure(engine, 0))
     return run
-
-
-def encoder(cfg: Config, tokenizer):
-    """``encode(raw, layout) -> (dataset, SkipReport)``: the chat template, system prompt and length limits of
-    this run (what the training data and the held-out pairs are both tokenized with)."""
-    from redi_ds.data.tokenize import ChatEncoder, encode_dataset
-
-    chat = ChatEncoder(tokenizer, cfg.data.system_prompt, cfg.data.train_on)
-    return lambda raw, layout: encode_dataset(raw, layout, chat, cfg.data.max_prompt_length, cfg.data.max_length)
-
-
-def load_data(cfg: Config, layout: RowLayout, tokenizer):
-    """Encoded rows (over-long ones skipped and counted) and their response-token counts [N]."""
-    from redi_ds.data.sources import load_source
-
-    raw = load_source(cfg.data.path, layout, cfg.data.split, synthetic_size=cfg.data.synthetic_size,
-                      seed=cfg.run.seed, data_format=cfg.data.format)
-    if cfg.data.limit > 0:
-        raw = raw.select(range(min(cfg.data.limit, len(raw))))
-    data, skipped = encoder(cfg, tokenizer)(raw, layout)
-    log0(f"data {cfg.data.path} ({layout}): {skipped.line()}")
-    if len(data) < cfg.train.global_batch_size:
-        raise DataError(f"{cfg.data.path}: {len(data)} usable examples < train.global_batch_size "
-                        f"({cfg.train.global_batch_size}); {skipped.line()}")
-    return data, torch.tensor(data["num_targets"], dtype=torch.long)
-
-
-def count_steps(cfg: Config, n: int) -> int:
-    total = cfg.train.epochs * (n // cfg.train.global_batch_size)
-    if cfg.train.max_steps > 0:
-        total = min(total, cfg.train.max_steps) if cfg.train.epochs > 0 else cfg.train.max_steps
-    return total
 
 
 def resume_point(cfg: Config, store: CheckpointStore) -> Optional[Path]:

@@ -25,7 +25,8 @@ from typing import Optional
 import yaml
 
 from redi_ds.ablation.task import TaskConfig
-from redi_ds.config import _deep_merge, from_dict
+from redi_ds.config import _deep_merge
+from redi_ds.typed import from_dict
 from redi_ds.errors import ConfigError
 from redi_ds.eval.options import EvalOptions
 

@@ -70,6 +70,23 @@ def _check_ranks(rank: Optional[int], world_size: Optional[int]) -> tuple[int, i
     return r, w
 
 
+def _output_folder(out_dir, model, world: int) -> tuple[Path, bool]:
+    """(the output folder, whether this run created it): checked (a file, under a file, read-only: one line) before
+    any generation, then made."""
+    if out_dir is None:
+        if world > 1:
+            raise EvalError(f"pass out_dir (--out) when running on several ranks (WORLD_SIZE={world})")
+        out_dir = _default_out_dir(model)
+    out = Path(out_dir).expanduser()
+    created = not out.exists()
+    try:
+        writable_dir(str(out), "--out")
+    except ConfigError as e:
+        raise EvalError(str(e)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    return out, created
+
+
 def _default_out_dir(model: Any) -> Path:
     base = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(getattr(model, "name_or_path", model))).name or "model")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -238,17 +255,7 @@ def run_eval(
 
     check_model_path(model)
     r, world = _check_ranks(rank, world_size)
-    if out_dir is None:
-        if world > 1:
-            raise EvalError(f"pass out_dir (--out) when running on several ranks (WORLD_SIZE={world})")
-        out_dir = _default_out_dir(model)
-    out = Path(out_dir).expanduser()
-    created = not out.exists()
-    try:
-        writable_dir(str(out), "--out")  # a file, under a file, read-only: one line before any generation
-    except ConfigError as e:
-        raise EvalError(str(e)) from None
-    out.mkdir(parents=True, exist_ok=True)
+    out, created = _output_folder(out_dir, model, world)
     signature = _run_signature(model, {
         "benchmarks": names, "samples": samples, "temperature": temperature, "top_p": top_p,
         "max_new_tokens": max_new_tokens, "limit": limit, "seed": seed, "system_prompt": system_prompt,
