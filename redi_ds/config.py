@@ -123,6 +123,27 @@ class TrainConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """The distill stage's teacher: held once per rank, no gradient; its tokenizer must be the student's."""
+
+    name_or_path: str = ""  # a hub name, a folder, "@stage" (a finished stage's export), or "tiny" (model.tiny)
+    seed: int = 1234  # "tiny": the random teacher's init (a model other than the student)
+
+
+@dataclass
+class RolloutConfig:
+    """How the distill stage samples from the student (redi_ds.rollout)."""
+
+    samples: int = 4  # completions per prompt
+    temperature: float = 1.0  # 1: samples from the student itself (the estimator's assumption)
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    backend: str = "hf"  # hf (the student's own forward, under ZeRO-3 too) | vllm (CUDA, colocated) | auto
+    log_every: int = 10  # steps between logged samples (rollouts.jsonl in the stage dir, MLflow artifacts)
+    gpu_memory_utilization: float = 0.3  # vllm: its share of the GPU beside training
+
+
+@dataclass
 class DeepSpeedConfig:
     config: str = "zero3"  # name in ds_configs/ (zero3, zero2, zero3_offload) or a JSON path
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
@@ -165,6 +186,8 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the distill stage
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # the distill stage
 
     @property
     def stage_dir(self) -> Path:
@@ -347,6 +370,7 @@ _CHOICES = {
     "deepspeed.precision": ("auto", "bf16", "fp16", "fp32"),
     "data.format": ("auto", "plain", "messages"),
     "data.train_on": ("all", "last_turn"),
+    "rollout.backend": ("hf", "vllm", "auto"),
 }
 
 
@@ -363,6 +387,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     _check_train(cfg.train, fail)
     _check_data_and_model(cfg, fail)
     _check_eval(cfg.eval, fail)
+    _check_distill(cfg, fail)
     if cfg.deepspeed.sequence_parallel_size < 1:
         fail(f"deepspeed.sequence_parallel_size = {cfg.deepspeed.sequence_parallel_size}; must be >= 1")
     if cfg.deepspeed.sequence_parallel_size > 1 and cfg.model.attn_implementation == "eager":
@@ -434,6 +459,22 @@ def _check_data_and_model(cfg: Config, fail) -> None:
     if lo.r < 0 or not (math.isfinite(lo.alpha) and lo.alpha > 0) or not 0 <= lo.dropout < 1 or not lo.target_modules:
         fail(f"model.lora: r = {lo.r} must be >= 0 (0: off), alpha = {lo.alpha} > 0, dropout = {lo.dropout} in "
              f"[0, 1), target_modules non-empty")
+
+
+def _check_distill(cfg: Config, fail) -> None:
+    if not LOSSES[cfg.loss.name].needs_teacher:
+        return
+    r = cfg.rollout
+    if not cfg.teacher.name_or_path:
+        fail("teacher.name_or_path is empty: the distill stage needs a teacher (a hub name, a folder, @stage, tiny)")
+    if r.samples < 1 or r.max_new_tokens < 1 or r.log_every < 1:
+        fail(f"rollout.samples ({r.samples}), rollout.max_new_tokens ({r.max_new_tokens}) and rollout.log_every "
+             f"({r.log_every}) must be >= 1")
+    if not (0 <= r.temperature < float("inf") and 0 < r.top_p <= 1 and 0 < r.gpu_memory_utilization < 1):
+        fail("rollout: need a finite temperature >= 0, 0 < top_p <= 1 and 0 < gpu_memory_utilization < 1")
+    if cfg.deepspeed.sequence_parallel_size > 1:
+        fail("the distill stage does not run under sequence parallelism (its rollouts are whole sequences); set "
+             "deepspeed.sequence_parallel_size: 1")
 
 
 def _check_eval(e: EvalConfig, fail) -> None:

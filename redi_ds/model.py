@@ -20,7 +20,6 @@ from torch import nn
 
 from redi_ds.config import ModelConfig
 from redi_ds.errors import ConfigError
-from redi_ds.data.collate import per_position
 from redi_ds.eval.errors import EvalError
 from redi_ds.eval.prompting import resolve_chat_template, resolve_tokenizer
 from redi_ds.kernels.options import FusedHeadOptions
@@ -203,9 +202,20 @@ class FusedHead(nn.Module):
         self.options = options
         self.transform = transform  # what the family's forward does to the logits (redi_ds.families)
 
-    def forward(self, hidden, targets=None, seq_ids=None, num_seqs=None, coeffs=None, token_coeffs=None):
+    def forward(self, hidden, targets=None, seq_ids=None, num_seqs=None, coeffs=None, token_coeffs=None,
+                view: str = "sums"):
+        """``view``: "sums" (the training forms above), "tokens" (per-token log-probs of ``targets``, no gradient:
+        a teacher's scores) or "logits" (the transformed logits of the few positions given: sampling). Every view
+        runs inside this forward, so ZeRO-3 gathers the weight for it."""
         if isinstance(hidden, Unhooked):
             return Unhooked(self._head(*hidden.value))
+        if view == "tokens":
+            from redi_ds import kernels
+
+            return kernels.fused_token_logprobs(hidden, self.weight, targets, self.bias, options=self.options,
+                                                transform=self.transform)
+        if view == "logits":
+            return self.transform.apply(nn.functional.linear(hidden, self.weight, self.bias))
         return self._head(hidden, targets, seq_ids, num_seqs, coeffs, token_coeffs)
 
     def _head(self, hidden, targets, seq_ids, num_seqs, coeffs, token_coeffs=None):
@@ -253,13 +263,29 @@ class PolicyModel(nn.Module):
                           token_coeffs: Optional[torch.Tensor] = None):
         """(share or None, sums [S], counts [S]); with ``coeffs`` (per sequence) or ``token_coeffs`` (per
         position) the one-pass linear form."""
-        out = self.hf.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    position_ids=batch["position_ids"], use_cache=False)
-        hidden = out.last_hidden_state  # [R, T, H]
-        args = (hidden, batch["targets"], batch["seq_ids"], batch["num_seqs"], coeffs, token_coeffs)
+        args = (self._hidden(batch), batch["targets"], batch["seq_ids"], batch["num_seqs"], coeffs, token_coeffs)
         if (coeffs is not None or token_coeffs is not None) and self.tied:
             return self.head(Unhooked(args)).value
         return self.head(*args)
+
+    def _hidden(self, batch: dict) -> torch.Tensor:
+        out = self.hf.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    position_ids=batch["position_ids"], use_cache=False)
+        return out.last_hidden_state  # [R, T, H]
+
+    @torch.no_grad()
+    def token_logprobs(self, batch: dict) -> torch.Tensor:
+        """log p(target) at every position [R, T] (0 where ignored), no gradient, no logits."""
+        return self.head(self._hidden(batch), batch["targets"], view="tokens")
+
+    @torch.no_grad()
+    def next_logits(self, input_ids, attention_mask, position_ids, cache):
+        """Sampling: (the transformed logits of the last position [R, V], the KV cache)."""
+        body = self.hf.get_decoder()
+        key = _cache_keyword(body)  # transformers 5.2x renamed past_key_values to cache
+        out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                   **{key: cache})
+        return self.head(out.last_hidden_state[:, -1], view="logits"), getattr(out, key)
 
     def forward(self, batch: dict, totals: StepTotals, ref_logps: Optional[torch.Tensor] = None):
         """Under sequence parallelism (training only) the shares of an SP group's ranks add up to the micro
@@ -269,12 +295,12 @@ class PolicyModel(nn.Module):
         if sp is not None:
             batch = sp.shard(batch)
         if self.loss_fn.linear:
-            coeffs = self.loss_fn.coefficients(self.loss_fn.normaliser(batch), totals)
-            mask = self.loss_fn.token_mask(batch)
-            if mask is None:
+            per_token = self.loss_fn.token_coefficients(batch, totals)  # a span of each sequence, or sampled tokens
+            if per_token is None:
+                coeffs = self.loss_fn.coefficients(self.loss_fn.normaliser(batch), totals)
                 share, sums, _ = self.sequence_logprobs(batch, coeffs)
-            else:  # a span of each sequence: one coefficient per position
-                share, sums, _ = self.sequence_logprobs(batch, token_coeffs=per_position(batch, coeffs) * mask)
+            else:
+                share, sums, _ = self.sequence_logprobs(batch, token_coeffs=per_token)
             if sp is not None:
                 sums = sp.all_reduce_detached(sums)  # the metrics need whole sequences; the gradient does not
         else:
@@ -285,6 +311,12 @@ class PolicyModel(nn.Module):
             if sp is not None:
                 share = share / sp.size
         return share, self.loss_fn.metrics(sums.detach(), counts, ref_logps)
+
+
+def _cache_keyword(body) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
 
 
 class _DropUnhookedWarning:

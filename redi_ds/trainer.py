@@ -45,7 +45,7 @@ from redi_ds.ranks import log0
 from redi_ds.config import Config, grad_accum_steps, save_config
 from redi_ds.data.pipeline import count_steps, load_stage_data, stage_encoder
 from redi_ds.distributed import StageLock, StopRequest, current_device, init_distributed, params_finite
-from redi_ds.errors import TrainingError
+from redi_ds.errors import ConfigError, TrainingError
 from redi_ds.losses import SequenceLoss, StepTotals, build_loss
 from redi_ds.passes import Batcher, HeldoutProbe, reference_pass
 from redi_ds.schedule import lr_lambda, make_optimizer, resolve_precision, step_indices
@@ -129,6 +129,7 @@ class Run:
     bar: Any
     guard: "DivergenceGuard"
     probe: Optional["HeldoutProbe"] = None
+    rollouts: Optional[Any] = None  # the distill stage: redi_ds.rollout.Rollouts
     last: dict = field(default_factory=dict)
     skipped_steps: int = 0
 
@@ -195,6 +196,10 @@ def build(cfg: Config) -> Run:
     writable_dir(cfg.run.output_dir, "run.output_dir")
     model_path = resolve_model_path(cfg.model.name_or_path, cfg.run.output_dir)  # "@sft": a finished stage's export
     tokenizer = load_tokenizer(cfg.model, model_path)
+    if loss_fn.needs_teacher:
+        from redi_ds.rollout import teacher_tokenizer
+
+        teacher_tokenizer(cfg, tokenizer)  # the same tokenizer as the student's, or one line before any compute
     data, lengths = load_stage_data(cfg, loss_fn.layout, tokenizer)
     total_steps = count_steps(cfg, len(data))
 
@@ -235,6 +240,8 @@ def build(cfg: Config) -> Run:
         why = "run.resume: never" if cfg.run.resume == "never" else \
             "no checkpoint here verifies" if resume_from is None else f"resuming from {resume_from}"
         store.move_aside(why)
+    rollouts = make_rollouts(cfg, tokenizer, loss_fn, model_path, precision, device, rank) \
+        if loss_fn.needs_teacher else None
     tracker = start_tracking(cfg, rank, world, accum, len(data), start_step, total_steps, model_path)
     from tqdm import tqdm
 
@@ -247,10 +254,27 @@ def build(cfg: Config) -> Run:
               store=store, tracker=tracker, lock=lock, stop=StopRequest(), bar=bar,
               guard=DivergenceGuard(cfg.train.max_nonfinite_steps),
               probe=HeldoutProbe(cfg.eval.heldout_pairs, cfg.eval.heldout_every, stage_encoder(cfg, tokenizer), batcher,
-                                 micro) if cfg.eval.heldout_every else None)
+                                 micro) if cfg.eval.heldout_every else None, rollouts=rollouts)
     if run.probe is not None and start_step == 0:
         record_probe(run, run.probe.measure(engine, 0))
     return run
+
+
+def make_rollouts(cfg: Config, tokenizer, loss_fn, model_path: str, precision: str, device, rank: int):
+    """The distill stage's teacher and sampler (vLLM when asked for and present on CUDA, else the student's own
+    forward)."""
+    import importlib.util
+
+    from redi_ds.rollout import Rollouts, VLLMSampler, load_teacher
+
+    teacher = load_teacher(cfg, tokenizer, torch.float32 if precision == "fp16" else DTYPES[precision], device)
+    backend = cfg.rollout.backend
+    has_vllm = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None and os.path.isdir(model_path)
+    if backend == "vllm" and not has_vllm:
+        raise ConfigError("rollout.backend: vllm needs CUDA, the vllm package and a model folder to start from")
+    vllm = VLLMSampler(model_path, cfg.rollout, precision if precision != "fp32" else "float32") \
+        if backend == "vllm" or (backend == "auto" and has_vllm) else None
+    return Rollouts(cfg, tokenizer, teacher, loss_fn, cfg.data.padding_free, device, rank, cfg.stage_dir, vllm)
 
 
 def resume_point(cfg: Config, store: CheckpointStore) -> Optional[Path]:
@@ -284,6 +308,28 @@ def start_tracking(cfg: Config, rank: int, world: int, accum: int, examples: int
 # ----------------------------------------------------------------------------- one step
 
 
+def step_batches(run: Run, step: int) -> tuple[list[tuple[dict, Optional[torch.Tensor]]], StepTotals, dict]:
+    """This rank's micro batches of optimizer step ``step`` (each with its DPO reference log-probs or None), the
+    step's StepTotals, and metrics the batches were made with (the distill stage's rollouts)."""
+    cfg = run.cfg
+    G, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    idx = step_indices(len(run.data), G, cfg.run.seed, step, cfg.data.shuffle)
+    dp_rank = run.rank // cfg.deepspeed.sequence_parallel_size  # the ranks of an SP group read the same rows
+    mine = idx[dp_rank * micro * run.accum:(dp_rank + 1) * micro * run.accum]  # this rank's share of the step
+    micro_rows = [mine[a * micro:(a + 1) * micro] for a in range(run.accum)]
+    if run.rollouts is not None:  # on-policy: sampled, scored, and the step's totals known only then
+        batches, totals, extra = run.rollouts.step_batches(run.engine, [[run.data[i] for i in rows]
+                                                                        for rows in micro_rows], step, G)
+        return [(b, None) for b in batches], totals, extra
+    totals = StepTotals(examples=G, tokens=int(run.lengths[idx].sum()))
+    out = []
+    for rows in micro_rows:
+        ref = None if run.ref_logps is None else \
+            run.ref_logps[run.batcher.layout.sequence_index(rows, len(run.data)).to(run.device)]
+        out.append((run.batcher([run.data[i] for i in rows]), ref))
+    return out, totals, {}
+
+
 def train_step(run: Run, step: int) -> StepStats:
     """Optimizer step ``step`` (0-based): this rank's ``accum`` micro batches, then one DeepSpeed update."""
     import torch.distributed as dist
@@ -291,24 +337,15 @@ def train_step(run: Run, step: int) -> StepStats:
     cfg, engine = run.cfg, run.engine
     t0 = time.perf_counter()
     lr = run.scheduler.get_last_lr()[0]
-    G, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
-    idx = step_indices(len(run.data), G, cfg.run.seed, step, cfg.data.shuffle)
-    totals = StepTotals(examples=G, tokens=int(run.lengths[idx].sum()))
-    n = cfg.deepspeed.sequence_parallel_size  # the ranks of an SP group read the same rows
-    dp_rank = run.rank // n
-    mine = idx[dp_rank * micro * run.accum:(dp_rank + 1) * micro * run.accum]  # this rank's share of the step
+    batches, totals, extra = step_batches(run, step)
     # DeepSpeed divides by accum and averages over grad_average ranks: undo both (the shares sum to the loss)
     grad_scale = float(run.accum * run.grad_average)
-    counts_tokens = run.rank % n == 0  # one rank of each SP group counts the group's input tokens
+    counts_tokens = run.rank % cfg.deepspeed.sequence_parallel_size == 0  # one rank per SP group counts tokens
     share_sum, tokens, sums = 0.0, 0, {}
-    for a in range(run.accum):
-        rows = mine[a * micro:(a + 1) * micro]
-        batch = run.batcher([run.data[i] for i in rows])
+    for batch, ref in batches:
         if counts_tokens:
             tokens += int(batch["input_ids"].numel() if batch["attention_mask"] is None
                           else batch["attention_mask"].sum())
-        ref = None if run.ref_logps is None else \
-            run.ref_logps[run.batcher.layout.sequence_index(rows, len(run.data)).to(run.device)]
         share, metrics = engine(batch, totals, ref)
         engine.backward(share * grad_scale)
         engine.step()
@@ -319,8 +356,8 @@ def train_step(run: Run, step: int) -> StepStats:
     vec = torch.tensor([share_sum, float(tokens)] + [sums[k] for k in keys], dtype=torch.float64, device=run.device)
     dist.all_reduce(vec)
     gn = engine.get_global_grad_norm()
-    return StepStats(step=step + 1, loss=float(vec[0]), metrics={k: float(vec[2 + i]) / run.world
-                                                                 for i, k in enumerate(keys)},
+    return StepStats(step=step + 1, loss=float(vec[0]), metrics={**{k: float(vec[2 + i]) / run.world
+                                                                    for i, k in enumerate(keys)}, **extra},
                      lr=lr, grad_norm=None if gn is None else float(gn), tokens=int(vec[1]),
                      target_tokens=totals.tokens, step_time=time.perf_counter() - t0,
                      skipped=not engine.was_step_applied())

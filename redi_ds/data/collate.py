@@ -19,6 +19,8 @@ over non-ignored targets: exactly the response tokens (end-of-turn included).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from redi_ds.data.layout import SFT_ROWS, RowLayout
@@ -69,7 +71,19 @@ def _span_flags(ids: list[int], trained: list[bool], start: int) -> list[bool]:
 
 
 def collate(examples: list[dict], layout: RowLayout, pad_id: int, padding_free: bool = False) -> dict:
-    seqs = _sequences(examples, layout)
+    return collate_sequences(_sequences(examples, layout), pad_id, padding_free)
+
+
+def _shifted_values(values: list[float], trained: list[bool]) -> list[float]:
+    # position t predicts token t + 1: it carries that token's value (0 where the token is not trained)
+    return [values[t + 1] if trained[t + 1] else 0.0 for t in range(len(values) - 1)] + [0.0]
+
+
+def collate_sequences(seqs: list[tuple[list[int], list[bool], int]], pad_id: int, padding_free: bool = False,
+                      values: Optional[list[list[float]]] = None) -> dict:
+    """The batch of ``(token ids, trained flags, span start)`` sequences (see the module doc). ``values``: a number
+    per token of each sequence, laid out like the targets as ``token_values`` [R, T] float64 (the per-token
+    coefficients of on-policy distillation)."""
     if padding_free:
         ids = [t for s, _, _ in seqs for t in s]
         pos = [i for s, _, _ in seqs for i in range(len(s))]
@@ -79,6 +93,9 @@ def collate(examples: list[dict], layout: RowLayout, pad_id: int, padding_free: 
         as_row = lambda x, dt=torch.long: torch.tensor([x], dtype=dt)  # noqa: E731
         batch = {"input_ids": as_row(ids), "position_ids": as_row(pos), "attention_mask": None,
                  "targets": as_row(tgt), "seq_ids": as_row(sid), "num_seqs": len(seqs)}
+        if values is not None:
+            batch["token_values"] = as_row([x for (_, m, _), v in zip(seqs, values) for x in _shifted_values(v, m)],
+                                           torch.float64)
         return _with_counts(batch, as_row(span, torch.bool))
     width = max(len(s) for s, _, _ in seqs)
     n = len(seqs)
@@ -86,15 +103,25 @@ def collate(examples: list[dict], layout: RowLayout, pad_id: int, padding_free: 
     targets = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
     span = torch.zeros((n, width), dtype=torch.bool)
+    token_values = torch.zeros((n, width), dtype=torch.float64) if values is not None else None
     for i, (s, m, d) in enumerate(seqs):
         input_ids[i, : len(s)] = torch.tensor(s)
         targets[i, : len(s)] = torch.tensor(_shifted_targets(s, m))
         span[i, : len(s)] = torch.tensor(_span_flags(s, m, d))
         mask[i, : len(s)] = 1
+        if token_values is not None:
+            token_values[i, : len(s)] = torch.tensor(_shifted_values(values[i], m), dtype=torch.float64)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     batch = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask,
              "targets": targets, "seq_ids": None, "num_seqs": n}
+    if token_values is not None:
+        batch["token_values"] = token_values
     return _with_counts(batch, span)
+
+
+def sequences(examples: list[dict], layout: RowLayout) -> list[tuple[list[int], list[bool], int]]:
+    """The sequences a batch of examples holds, in the losses' order (see ``collate_sequences``)."""
+    return _sequences(examples, layout)
 
 
 def _with_counts(batch: dict, span: torch.Tensor) -> dict:

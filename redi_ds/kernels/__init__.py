@@ -13,7 +13,7 @@ from redi_ds.kernels.reference import (
     reference_token_logprobs,
     sequence_logprobs_from_logits,
 )
-from redi_ds.kernels.fused import fused_linear_loss, fused_sequence_logprobs
+from redi_ds.kernels.fused import fused_linear_loss, fused_sequence_logprobs, fused_token_logprobs
 from redi_ds.kernels.options import FusedHeadOptions
 from redi_ds.kernels.transform import IDENTITY, LogitTransform
 
@@ -24,6 +24,7 @@ __all__ = [
     "IGNORE_INDEX",
     "fused_linear_loss",
     "fused_sequence_logprobs",
+    "fused_token_logprobs",
     "reference_sequence_logprobs",
     "reference_token_logprobs",
     "sequence_logprobs_from_logits",

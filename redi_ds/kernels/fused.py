@@ -164,3 +164,20 @@ def fused_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias
         logp = _token_logprobs(hidden, weight, bias, sel, spec)
     sums = torch.zeros(sel.num_seqs, dtype=logp.dtype, device=logp.device).index_add(0, sel.seq, logp)
     return sums, sel.counts
+
+
+@torch.no_grad()
+def fused_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None, *,
+                         impl: Optional[str] = None, options: Optional[FusedHeadOptions] = None,
+                         transform: Optional[LogitTransform] = None) -> Tensor:
+    """The per-token view, no gradient: logp_t of every target, laid out like ``labels`` (0 where ignored). What a
+    teacher scores each sampled token with, without [tokens x vocab] logits."""
+    spec = _spec(impl, options, transform)
+    sel = select_tokens(hidden, weight, labels.reshape(1, -1) if labels.dim() == 1 else labels, None, None)
+    if resolve_impl(spec.options.impl, hidden.is_cuda) == "reference":
+        logp = _reference_token_logprobs(hidden, weight, bias, labels, sel, spec)
+    else:
+        logp = value_pass(hidden, weight, bias, sel, spec)[0]
+    out = torch.zeros(labels.numel(), dtype=logp.dtype, device=logp.device)
+    out[sel.index] = logp
+    return out.view(labels.shape)

@@ -14,10 +14,11 @@ from redi_ds.losses.base import (
     loss_tags,
     register_loss,
 )
+from redi_ds.losses.distill import DistillLoss
 from redi_ds.losses.dpo import DPOLoss
 from redi_ds.losses.redi import REDILoss
 from redi_ds.losses.sft import SFTLoss
 from redi_ds.losses.simpo import SimPOLoss
 
 __all__ = ["LOSSES", "LossConfig", "SequenceLoss", "StepTotals", "build_loss", "loss_config", "loss_tags",
-           "register_loss", "SFTLoss", "REDILoss", "DPOLoss", "SimPOLoss"]
+           "register_loss", "SFTLoss", "REDILoss", "DPOLoss", "SimPOLoss", "DistillLoss"]

@@ -82,6 +82,7 @@ class SequenceLoss(nn.Module):
     Config: ClassVar[type] = LossConfig
     paired: ClassVar[bool] = True
     needs_reference: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = False  # on-policy: rollouts from the student, scored by a teacher
     linear: ClassVar[bool] = False
 
     @property
@@ -105,6 +106,16 @@ class SequenceLoss(nn.Module):
     def token_mask(self, batch: dict) -> Optional[Tensor]:
         """Targets the objective covers ([R, T] bool), or None for every response token (linear losses)."""
         return None
+
+    def token_coefficients(self, batch: dict, totals: StepTotals) -> Optional[Tensor]:
+        """A linear loss that weighs tokens rather than whole sequences: its coefficient per position [R, T]
+        (aligned with the targets), or None to use one coefficient per sequence (``coefficients``)."""
+        mask = self.token_mask(batch)
+        if mask is None:
+            return None
+        from redi_ds.data.collate import per_position
+
+        return per_position(batch, self.coefficients(self.normaliser(batch), totals)) * mask
 
     def forward(self, logps: Tensor, counts: Tensor, totals: StepTotals,
                 ref_logps: Optional[Tensor] = None) -> Tensor:
