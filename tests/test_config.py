@@ -161,7 +161,7 @@ def test_each_loss_owns_its_section():
              ("--loss.name", "dpo", "--loss.beta", "-0.1"): "DPO's beta must be > 0",
              ("--loss.name", "simpo", "--loss.gamma", ".nan"): "loss.gamma = nan; must be a finite number",
              ("--loss.name", "simpo", "--loss.beta", "inf"): "loss.beta = inf; must be a finite number",
-             ("--loss.name", "ppo"): "loss.name = 'ppo'; expected one of dpo, redi, sft, simpo",
+             ("--loss.name", "ppo"): "loss.name = 'ppo'; expected one of distill, dpo, redi, sft, simpo",
              ("--loss.negative_span", "some"): "loss.negative_span = 'some'; expected all or divergent"}
     for args, message in cases.items():
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):

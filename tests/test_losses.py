@@ -15,8 +15,9 @@ ONE_STEP = StepTotals(examples=2, tokens=11)  # this micro batch is the whole st
 
 
 def test_registry():
-    assert set(LOSSES) == {"sft", "redi", "dpo", "simpo"}
+    assert set(LOSSES) == {"sft", "redi", "dpo", "simpo", "distill"}
     assert [LOSSES[n].needs_reference for n in ("sft", "redi", "dpo", "simpo")] == [False, False, True, False]
+    assert [n for n in LOSSES if LOSSES[n].needs_teacher] == ["distill"]
     assert LOSSES["sft"].paired is False and LOSSES["redi"].linear and not LOSSES["dpo"].linear
 
 
