@@ -16,6 +16,7 @@ its own self-check; its tokenizer must be the student's (cross-tokenizer distill
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,22 +180,23 @@ class Rollouts:
     stage_dir: Path
     vllm: Optional[VLLMSampler] = None
 
-    @property
+    @functools.cached_property
     def stop_ids(self) -> set:
         ids = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
         return {i for i in ids if isinstance(i, int) and i >= 0}
 
-    def _generator(self, step: int, micro: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(
-            (self.cfg.run.seed * 1_000_003 + step) * 10_007 + self.rank * 101 + micro)
+    def _seed(self, step: int, micro: int) -> int:
+        """The sampling seed of one micro batch: a function of (run.seed, step, rank, micro batch) only."""
+        return ((self.cfg.run.seed * 1_000_003 + step) * 10_007 + self.rank * 101 + micro) % 2**31
 
     def _sample(self, engine, prompts: list[list[int]], step: int, micro: int) -> list[list[int]]:
         k = self.cfg.rollout.samples
         repeated = [p for p in prompts for _ in range(k)]
         if self.vllm is not None:
-            return self.vllm.sample(repeated, seed=int(self._generator(step, micro).initial_seed() % 2**31))
+            return self.vllm.sample(repeated, seed=self._seed(step, micro))
+        generator = torch.Generator(device=self.device).manual_seed(self._seed(step, micro))
         return sample_hf(engine.module, repeated, self.cfg.rollout, self.stop_ids, self.tokenizer.pad_token_id,
-                         self._generator(step, micro), self.device)
+                         generator, self.device)
 
     def _score(self, engine, prompts, completions):
         """(sampled sequences, per-token rewards A_t, logp_S, logp_T) of one micro batch."""
@@ -285,3 +287,18 @@ def _token_values(coef: torch.Tensor, batch: dict, row: int, length: int) -> lis
         where = (batch["seq_ids"][0] == row).nonzero().flatten()
         per_position = coef[0, where.cpu()]
     return [0.0] + per_position[:-1].tolist()  # token j is predicted at position j - 1
+
+
+def make_rollouts(cfg, tokenizer, loss_fn, model_path: str, dtype: torch.dtype, device, rank: int) -> Rollouts:
+    """The distill stage's teacher and sampler (vLLM when asked for and present on CUDA, else the student's own
+    forward)."""
+    import importlib.util
+
+    teacher = load_teacher(cfg, tokenizer, dtype, device)
+    backend = cfg.rollout.backend
+    has_vllm = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None and Path(model_path).is_dir()
+    if backend == "vllm" and not has_vllm:
+        raise ConfigError("rollout.backend: vllm needs CUDA, the vllm package and a model folder to start from")
+    vllm = VLLMSampler(model_path, cfg.rollout, str(dtype).replace("torch.", "")) \
+        if backend == "vllm" or (backend == "auto" and has_vllm) else None
+    return Rollouts(cfg, tokenizer, teacher, loss_fn, cfg.data.padding_free, device, rank, cfg.stage_dir, vllm)

@@ -45,9 +45,10 @@ from redi_ds.ranks import log0
 from redi_ds.config import Config, grad_accum_steps, save_config
 from redi_ds.data.pipeline import count_steps, load_stage_data, stage_encoder
 from redi_ds.distributed import StageLock, StopRequest, current_device, init_distributed, params_finite
-from redi_ds.errors import ConfigError, TrainingError
+from redi_ds.errors import TrainingError
 from redi_ds.losses import SequenceLoss, StepTotals, build_loss
 from redi_ds.passes import Batcher, HeldoutProbe, reference_pass
+from redi_ds.rollout import make_rollouts
 from redi_ds.schedule import lr_lambda, make_optimizer, resolve_precision, step_indices
 from redi_ds.stage import StageDir
 from redi_ds.textio import writable_dir
@@ -211,8 +212,8 @@ def build(cfg: Config) -> Run:
     resume_from = resume_point(cfg, store)
     start_step = 0 if resume_from is None else store.check_resumable(resume_from, world, cfg.train.global_batch_size)
 
-    hf_model = build_model(cfg.model, model_path, torch.float32 if precision == "fp16" else DTYPES[precision],
-                           cfg.run.seed, tokenizer)
+    model_dtype = torch.float32 if precision == "fp16" else DTYPES[precision]  # fp16: fp32 masters, scaled loss
+    hf_model = build_model(cfg.model, model_path, model_dtype, cfg.run.seed, tokenizer)
     log0(self_check(hf_model, tokenizer, cfg.kernel, cfg.data.padding_free))  # exact, or one line and exit 2
     apply_liger(hf_model, cfg.model.liger)
     hf_model = lora.apply(hf_model, cfg.model.lora)  # adapters on, the rest frozen (model.lora.r > 0)
@@ -240,7 +241,7 @@ def build(cfg: Config) -> Run:
         why = "run.resume: never" if cfg.run.resume == "never" else \
             "no checkpoint here verifies" if resume_from is None else f"resuming from {resume_from}"
         store.move_aside(why)
-    rollouts = make_rollouts(cfg, tokenizer, loss_fn, model_path, precision, device, rank) \
+    rollouts = make_rollouts(cfg, tokenizer, loss_fn, model_path, model_dtype, device, rank) \
         if loss_fn.needs_teacher else None
     tracker = start_tracking(cfg, rank, world, accum, len(data), start_step, total_steps, model_path)
     from tqdm import tqdm
@@ -258,23 +259,6 @@ def build(cfg: Config) -> Run:
     if run.probe is not None and start_step == 0:
         record_probe(run, run.probe.measure(engine, 0))
     return run
-
-
-def make_rollouts(cfg: Config, tokenizer, loss_fn, model_path: str, precision: str, device, rank: int):
-    """The distill stage's teacher and sampler (vLLM when asked for and present on CUDA, else the student's own
-    forward)."""
-    import importlib.util
-
-    from redi_ds.rollout import Rollouts, VLLMSampler, load_teacher
-
-    teacher = load_teacher(cfg, tokenizer, torch.float32 if precision == "fp16" else DTYPES[precision], device)
-    backend = cfg.rollout.backend
-    has_vllm = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None and os.path.isdir(model_path)
-    if backend == "vllm" and not has_vllm:
-        raise ConfigError("rollout.backend: vllm needs CUDA, the vllm package and a model folder to start from")
-    vllm = VLLMSampler(model_path, cfg.rollout, precision if precision != "fp32" else "float32") \
-        if backend == "vllm" or (backend == "auto" and has_vllm) else None
-    return Rollouts(cfg, tokenizer, teacher, loss_fn, cfg.data.padding_free, device, rank, cfg.stage_dir, vllm)
 
 
 def resume_point(cfg: Config, store: CheckpointStore) -> Optional[Path]:

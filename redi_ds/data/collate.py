@@ -35,7 +35,7 @@ def _trained(prompt_len: int, response_len: int, spans=None) -> list[bool]:
     return flags
 
 
-def _sequences(examples: list[dict], layout: RowLayout) -> list[tuple[list[int], list[bool], int]]:
+def sequences(examples: list[dict], layout: RowLayout) -> list[tuple[list[int], list[bool], int]]:
     """(token ids, trained flags, span start) per sequence, in the order the losses expect. The span start is
     the response index where the sequence's divergent span begins: 0, except for a rejected response, where it
     is the length of the prefix it shares with the chosen one (its first token that departs from it)."""
@@ -71,7 +71,7 @@ def _span_flags(ids: list[int], trained: list[bool], start: int) -> list[bool]:
 
 
 def collate(examples: list[dict], layout: RowLayout, pad_id: int, padding_free: bool = False) -> dict:
-    return collate_sequences(_sequences(examples, layout), pad_id, padding_free)
+    return collate_sequences(sequences(examples, layout), pad_id, padding_free)
 
 
 def _shifted_values(values: list[float], trained: list[bool]) -> list[float]:
@@ -117,11 +117,6 @@ def collate_sequences(seqs: list[tuple[list[int], list[bool], int]], pad_id: int
     if token_values is not None:
         batch["token_values"] = token_values
     return _with_counts(batch, span)
-
-
-def sequences(examples: list[dict], layout: RowLayout) -> list[tuple[list[int], list[bool], int]]:
-    """The sequences a batch of examples holds, in the losses' order (see ``collate_sequences``)."""
-    return _sequences(examples, layout)
 
 
 def _with_counts(batch: dict, span: torch.Tensor) -> dict:

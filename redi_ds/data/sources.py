@@ -70,10 +70,6 @@ class Reader:
             return _plain(row, self.layout, where)
         return (conversation.pair_conversation if paired else conversation.sft_conversation)(row, where)
 
-    @property
-    def columns(self) -> tuple[str, ...]:
-        return (conversation.COLUMN,) if self.format == "messages" else self.layout.fields
-
 
 def _jsonl_rows(path: str, reader: Reader) -> list[dict]:
     """Canonical rows of one JSONL file; any bad line (not UTF-8, invalid or too deep JSON, a duplicate key, a lone
