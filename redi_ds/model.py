@@ -40,14 +40,14 @@ def resolve_model_path(name_or_path: str, output_dir: str) -> str:
 
 
 def load_tokenizer(model_cfg: ModelConfig, model_path: str):
-    from transformers import AutoTokenizer
+    from redi_ds.hf_tokenizer import auto_tokenizer
 
     src = model_cfg.tokenizer
     if src is None:
         src = "qwen2.5" if model_path == "tiny" else model_path
     src = resolve_tokenizer(src)  # a bundled name (qwen2.5, arith) or a path / hub name
     try:
-        tok = AutoTokenizer.from_pretrained(src)
+        tok = auto_tokenizer(src)
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"model.tokenizer: cannot load {src!r} ({type(e).__name__})") from None
     if model_cfg.chat_template:
@@ -362,4 +362,6 @@ def export_hf(state_dict: dict, hf_model, tokenizer, out_dir: str) -> None:
     fresh.config.use_cache = True
     fresh.generation_config.use_cache = True  # training turned the KV cache off; generation wants it
     fresh.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    from redi_ds.hf_tokenizer import save_tokenizer
+
+    save_tokenizer(tokenizer, out_dir)

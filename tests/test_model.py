@@ -159,3 +159,38 @@ def test_divergent_span_matches_a_float64_hand_computation(padding_free, impl):
         torch.testing.assert_close(got["hf." + name], p.grad, rtol=1e-8, atol=1e-12)
     # the metrics still describe the whole traces
     assert metrics["logp_rejected"] < 0
+
+
+def test_an_export_loads_back_the_tokenizer_it_trained_with(tmp_path):
+    from pathlib import Path
+
+    ROOT = Path(__file__).resolve().parent.parent
+    """transformers 5 loads a folder with a qwen2 config.json as Qwen2Tokenizer, rebuilt from the vocabulary: the
+    character-level arith tokenizer then loses its newlines. Our loader and the export's round trip keep the
+    folder's own tokenizer.json."""
+    import json
+
+    import transformers
+
+    from redi_ds.hf_tokenizer import auto_tokenizer, encode, save_tokenizer
+
+    arith = auto_tokenizer(str(ROOT / "redi_ds" / "assets" / "tokenizer" / "arith"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    save_tokenizer(arith, str(tmp_path))
+    plain = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    nl = arith.convert_tokens_to_ids("\n")
+    assert nl not in encode(plain, "1\n2")  # what AutoTokenizer alone gives (the bug this guards against)
+    loaded = auto_tokenizer(str(tmp_path))
+    assert encode(loaded, "1\n2") == encode(arith, "1\n2") == [arith.convert_tokens_to_ids(c) for c in "1\n2"]
+    assert loaded.chat_template == arith.chat_template
+    qwen = auto_tokenizer(str(ROOT / "redi_ds" / "assets" / "tokenizer" / "qwen2.5"))
+    assert type(qwen).__name__ == "Qwen2Tokenizer"  # AutoTokenizer's choice stands when the two agree
+    import redi_ds.hf_tokenizer as hf_tokenizer
+
+    hf_tokenizer_auto = hf_tokenizer.auto_tokenizer
+    try:  # a folder that loads back as another tokenizer fails the export
+        hf_tokenizer.auto_tokenizer = lambda source: qwen
+        with pytest.raises(RuntimeError, match="does not load back to the training tokenizer"):
+            save_tokenizer(arith, str(tmp_path / "other"))
+    finally:
+        hf_tokenizer.auto_tokenizer = hf_tokenizer_auto

@@ -89,9 +89,9 @@ _GRADER: list = []
 
 def get_tokenizer(path: str):
     if path not in _TOKENIZERS:
-        from transformers import AutoTokenizer
+        from redi_ds.hf_tokenizer import auto_tokenizer
 
-        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
+        _TOKENIZERS[path] = auto_tokenizer(path)
     return _TOKENIZERS[path]
 
 

@@ -67,7 +67,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def load_tokenizer(model: Any, tokenizer: Optional[str] = None, chat_template: Optional[str] = None):
     """The HF tokenizer for ``model`` (or ``tokenizer``: a path, hub name or ``qwen2.5`` for the bundled
     one), left-padded, with ``chat_template`` applied. Errors become :class:`EvalError`."""
-    from transformers import AutoTokenizer
+    from redi_ds.hf_tokenizer import auto_tokenizer
 
     source = resolve_tokenizer(tokenizer if tokenizer is not None else model)
     if not isinstance(source, (str, os.PathLike)):
@@ -77,7 +77,7 @@ def load_tokenizer(model: Any, tokenizer: Optional[str] = None, chat_template: O
         raise EvalError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); pass "
                         "--tokenizer (a folder, a hub name or qwen2.5)")
     try:
-        tok = AutoTokenizer.from_pretrained(str(source))
+        tok = auto_tokenizer(str(source))
     except Exception as e:
         raise EvalError(f"cannot load the tokenizer from {str(source)!r}: {_first_line(e)}") from None
     tok.padding_side = "left"
