@@ -98,6 +98,10 @@ class Tracker:
                 run = mlflow.start_run(run_id=run_id)
             self.run_id = run.info.run_id
             items = [(k, "" if v is None else str(v)[:500]) for k, v in params.items()]
+            if run_id is not None:  # a reopened run (a stage trained on with more steps): params are immutable
+                logged = run.data.params
+                mlflow.set_tags({f"resumed_with.{k}": v for k, v in items if k in logged and logged[k] != v})
+                items = [(k, v) for k, v in items if k not in logged]
             for i in range(0, len(items), 100):
                 mlflow.log_params(dict(items[i:i + 100]))
         except Exception as e:  # noqa: BLE001

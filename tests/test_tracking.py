@@ -69,6 +69,30 @@ def test_tracker_with_unreachable_server_warns_once_and_goes_on(tmp_path, capsys
     assert err.count("warning: MLflow") == 1 and "training goes on" in err
 
 
+def test_a_reopened_run_keeps_its_params_and_tags_what_changed(tmp_path, capsys):
+    """A finished stage trained on with more epochs reopens its MLflow run: MLflow's params are immutable, so the
+    changed value becomes a tag and tracking stays on."""
+    from mlflow.tracking import MlflowClient
+
+    from redi_ds.config import TrackingConfig
+    from redi_ds.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    t = Tracker(TrackingConfig(uri=uri, experiment="e"), str(tmp_path))
+    run_id = t.start({"train.epochs": 1, "lr": 0.1})
+    t.log_metrics({"loss": 2.0}, step=1)
+    t.finish()
+    t = Tracker(TrackingConfig(uri=uri, experiment="e"), str(tmp_path))
+    assert t.start({"train.epochs": 2, "lr": 0.1, "new": "x"}, run_id=run_id) == run_id
+    t.log_metrics({"loss": 1.0}, step=2)
+    t.finish()
+    assert "warning" not in capsys.readouterr().err and not t.failed
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.data.params == {"train.epochs": "1", "lr": "0.1", "new": "x"}
+    assert run.data.tags["resumed_with.train.epochs"] == "2" and "resumed_with.lr" not in run.data.tags
+    assert [m.value for m in MlflowClient(uri).get_metric_history(run_id, "loss")] == [2.0, 1.0]
+
+
 def test_tracker_default_store_is_sqlite_in_output_dir(tmp_path):
     from redi_ds.config import TrackingConfig
     from redi_ds.tracking import resolve_uri
