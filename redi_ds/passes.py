@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -94,8 +95,10 @@ class HeldoutProbe:
         """``encode(raw, layout) -> (dataset, SkipReport)``: the run's own tokenization and limits."""
         from redi_ds.data.sources import load_source
 
-        self.data, skipped = encode(load_source(heldout_pairs_path(source), PAIRS), PAIRS)
+        path = heldout_pairs_path(source)
+        self.data, skipped = encode(load_source(path, PAIRS), PAIRS)
         self.every, self.batcher, self.micro = every, batcher.with_layout(PAIRS), micro
+        self.kinds = _kinds(path, len(self.data), skipped)
         log0(f"held-out pairs {source}: {skipped.line()}")
 
     def due(self, step: int, total: int) -> bool:
@@ -106,4 +109,26 @@ class HeldoutProbe:
         sums, counts = logprob_pass(engine, self.data, self.batcher, self.micro)
         norm = sums / counts.clamp(min=1)
         n = len(self.data)
-        return {"step": step, "logp_chosen": float(norm[:n].mean()), "logp_rejected": float(norm[n:].mean())}
+        row = {"step": step, "logp_chosen": float(norm[:n].mean()), "logp_rejected": float(norm[n:].mean())}
+        for kind in sorted(set(self.kinds or ())):  # the means per kind of pair (a JSONL's ``kind`` column)
+            pick = torch.tensor([k == kind for k in self.kinds])
+            row[f"logp_chosen/{kind}"] = float(norm[:n][pick].mean())
+            row[f"logp_rejected/{kind}"] = float(norm[n:][pick].mean())
+        return row
+
+
+def _kinds(path: str, n: int, skipped) -> Optional[list[str]]:
+    """The ``kind`` of each held-out pair of a JSONL file that has that column (None otherwise); every row must
+    have been encoded, so that kinds and rows line up."""
+    from redi_ds.errors import ConfigError
+    from redi_ds.textio import iter_jsonl
+
+    if not path.endswith(".jsonl"):
+        return None
+    kinds = [row.get("kind") if isinstance(row, dict) else None for _, row, _ in iter_jsonl(path)]
+    if not any(isinstance(k, str) for k in kinds):
+        return None
+    if len(kinds) != n or not all(isinstance(k, str) for k in kinds):
+        raise ConfigError(f"eval.heldout_pairs {path}: a 'kind' column needs a string kind on every row and no "
+                          f"skipped row ({skipped.line()})")
+    return kinds

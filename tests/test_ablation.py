@@ -21,24 +21,70 @@ ROOT = Path(__file__).resolve().parent.parent
 # ----------------------------------------------------------------------------- the task
 
 
-def test_task_is_deterministic_disjoint_and_correct():
-    cfg = task.TaskConfig(sft_problems=300, stage2_problems=100, val_problems=50, test_problems=80)
+def test_task_traces_are_valid_orders_of_similar_length():
+    cfg = task.TaskConfig(teacher_problems=200, sft_problems=100, stage2_problems=50, val_problems=30,
+                          test_problems=40)
     a, b = task.generate(cfg), task.generate(cfg)
     assert a == b
     exprs = [r["problem"] for split in a.values() for r in split]
-    assert len(exprs) == len(set(exprs)) == 530  # disjoint splits
-    styles = {"steps": 0, "direct": 0}
-    for r in a["sft"]:
-        value = eval(r["problem"][:-2])  # "12+34-5=?" -> the expression
+    assert len(exprs) == len(set(exprs)) == 420  # disjoint splits
+    lengths = []
+    for r in a["teacher"]:
+        value = eval(r["problem"][:-2])  # "12+7-5=?" -> the expression
         assert r["answer"] == str(value) and r["response"].endswith(f"\\boxed{{{value}}}")
-        styles[r["style"]] += 1
-        if r["style"] == "steps":  # every line is right and carries on from the last
-            for line in r["response"].splitlines()[:-1]:
-                lhs, rhs = line.split("=")
-                assert eval(lhs) == int(rhs)
-        wrong = int(r["rejected"].split("{")[-1].rstrip("}"))
-        assert wrong != value  # the teacher's mistake ends wrong
-    assert 0.4 < styles["direct"] / 300 < 0.6  # direct_fraction 0.5
+        lines = r["response"].splitlines()[:-1]
+        assert len(lines) == r["level"] - 1 and r["orders"] >= 2
+        v = None
+        for line in lines:  # every line is right, carries on from the last, and stays in range
+            lhs, rhs = line.split("=")
+            assert eval(lhs) == int(rhs) and 0 <= int(rhs) <= cfg.max_value
+            assert v is None or lhs.startswith(str(v))
+            v = int(rhs)
+        terms = sorted(t for t in __import__("re").findall(r"[+-]?\d+", "+" + r["problem"][:-2]))
+        used = sorted(["+" + lines[0].split("=")[0].split("+")[0].split("-")[0]]
+                      + [m for line in lines for m in __import__("re").findall(r"[+-]\d+", line.split("=")[0][1:])])
+        assert sorted(t if t[0] in "+-" else "+" + t for t in terms) == used  # the same terms, reordered
+        lengths.append(len(r["response"]))
+    # every valid order of a problem has the same number of lines: lengths differ by a few digits at most
+    # (each intermediate value is written twice, one or two digits)
+    terms = [("+", 7), ("-", 5), ("+", 9), ("-", 2)]
+    all_orders = task.orders(terms, 30)
+    assert len(all_orders) >= 2 and {len(task.trace(o).splitlines()) for o in all_orders} == {4}
+    assert max(len(task.trace(o)) for o in all_orders) - min(len(task.trace(o)) for o in all_orders) <= 6  # digits
+    assert all(o[0][0] == "+" for o in all_orders)
+    assert task.is_in_order("7-5+9-2=?", "7-5=2\n2+9=11\n11-2=9\n\\boxed{9}")
+    assert not task.is_in_order("7-5+9-2=?", "7+9=16\n16-5=11\n11-2=9\n\\boxed{9}")
+
+
+def test_teacher_and_student_data_from_graded_samples(tmp_path):
+    from redi_ds.ablation import traces
+
+    rows = {"sft": [{"problem": "1+2+3=?", "answer": "6"}, {"problem": "2+2+1=?", "answer": "5"}],
+            "stage2": [{"problem": "3+1+1=?", "answer": "5"}, {"problem": "4-1+1=?", "answer": "4"}],
+            "val": [{"problem": "5-1+2=?", "answer": "6"}]}
+    samples = {"sft": [[("x", False, "stop"), ("1+2=3\n3+3=6", True, "stop"), ("1+2=3\n3+3=6", True, "stop"),
+                        ("2+3=5\n5+1=6", True, "stop")], [("", False, "stop")]],
+               "stage2": [[("3+1=4\n4+1=5", True, "stop"), ("", False, "stop"), ("3+1=4\n4+1=6", False, "stop")],
+                          [("4-1=3\n3+1=4", True, "length")]],
+               "val": [[("5-1=4\n4+2=6", True, "stop"), ("5+2=7\n7-1=5", False, "stop")]]}
+    st = traces.teacher_data(rows, samples, tmp_path)
+    read = lambda n: [json.loads(x) for x in (tmp_path / n).read_text().splitlines()]  # noqa: E731
+    assert read("sft.jsonl") == [{"problem": "1+2+3=?", "response": "1+2=3\n3+3=6", "answer": "6"},
+                                 {"problem": "1+2+3=?", "response": "2+3=5\n5+1=6", "answer": "6"}]  # distinct
+    assert read("teacher_pairs.jsonl") == [{"prompt": "3+1+1=?", "chosen": "3+1=4\n4+1=5",
+                                            "rejected": "3+1=4\n4+1=6", "answer": "5"}]  # the empty one is skipped
+    assert [r["problem"] for r in read("stage2.jsonl")] == ["3+1+1=?"]
+    assert read("probe_pairs.jsonl")[0]["kind"] == "different first step"
+    assert st["sft"]["kept"] == 2 and st["sft"]["all_wrong"] == 1 and st["stage2"]["empty_wrong"] == 1
+    assert st["stage2"]["truncated"] == 1 and st["stage2"]["correct"] == 2 and st["stage2"]["pairs"] == 1
+    pairs = read("teacher_pairs.jsonl") + [{"prompt": "9=?", "chosen": "c", "rejected": "r", "answer": "9"}]
+    student = [[("s-right", True, "stop"), ("s-wrong", False, "stop"), ("s-right", True, "stop")],
+               [("3+1=4\n4+1=5", True, "stop")]]
+    st = traces.student_data(pairs[:1] + pairs[1:], [student[0], [("c", True, "stop")]], tmp_path / "s")
+    assert read("s/student_pairs.jsonl") == [{"prompt": "3+1+1=?", "chosen": "3+1=4\n4+1=5", "rejected": "s-wrong",
+                                              "answer": "5"}]
+    assert [r["response"] for r in read("s/rft.jsonl")] == ["3+1=4\n4+1=5", "s-right", "c"]  # no duplicates
+    assert st["student_pairs"] == 1 and st["rft_rows"] == 3
 
 
 def test_shipped_tokenizer_equals_a_fresh_build(tmp_path):
@@ -60,84 +106,153 @@ def test_shipped_tokenizer_equals_a_fresh_build(tmp_path):
 # ----------------------------------------------------------------------------- statistics
 
 
-def test_style_table_from_scored_samples(tmp_path):
-    assert task.style_of("12+3=15\n15-5=10\n\\boxed{10}") == "steps"
-    assert task.style_of("\\boxed{10}") == "direct" and task.style_of("\\boxed{1=2}") == "direct"
-    rows = [("1+2=3\n\\boxed{3}", True), ("1+2=4\n\\boxed{4}", False), ("\\boxed{3}", False),
-            ("1+1=2\n\\boxed{2}", True)]
-    for where in ("base/sft", "runs/redi-0.8/lr0.0001/seed0/redi"):
-        d = tmp_path / where / "scores" / "test"
-        d.mkdir(parents=True)
-        d.joinpath("samples.jsonl").write_text("".join(json.dumps({"response": r, "correct": c}) + "\n"
-                                                       for r, c in rows))
-    table = {r["model"]: r for r in task.styles(tmp_path)}
-    assert set(table) == {"base", "redi-0.8 lr0.0001 seed0"}
-    assert table["base"]["steps_share"] == 0.75 and table["base"]["steps_accuracy"] == pytest.approx(2 / 3)
-    assert table["base"]["direct_accuracy"] == 0.0
+def test_t_quantiles_match_tables():
+    for df, q975, q95 in ((1, 12.7062, 6.3138), (2, 4.3027, 2.9200), (5, 2.5706, 2.0150), (30, 2.0423, 1.6973),
+                          (math.inf, 1.9600, 1.6449)):
+        assert stats.t_quantile(0.975, df) == pytest.approx(q975, abs=1e-4)
+        assert stats.t_quantile(0.95, df) == pytest.approx(q95, abs=1e-4)
+    assert stats.t_cdf(-2.0, 4) == pytest.approx(0.0580583, abs=1e-7)
 
 
-def test_paired_statistics_hand_computed():
-    base = [[1, 0, 0, 1]]
-    a = [[1, 1, 0, 1], [1, 1, 1, 1]]  # seed 0: +1 problem, seed 1: +2 problems
-    d = stats.paired(a, base)
-    assert d.value == pytest.approx((0.25 + 0.5) / 2)
-    assert [v for v, _ in d.per_seed] == [0.25, 0.5]
-    # per-seed SE: sd of the differences (0,1,0,0) = 0.5 over sqrt(4); (0,1,1,0): sd 0.57735 / 2
-    assert d.per_seed[0][1] == pytest.approx(0.25) and d.per_seed[1][1] == pytest.approx(math.sqrt(1 / 3) / 2)
-    # combined: seed-averaged differences (0, 1, .5, 0) -> sd 0.4787 / 2; seeds 0.25, 0.5 -> sd 0.17678 / sqrt 2
-    sd_avg = math.sqrt(sum((x - 0.375) ** 2 for x in (0, 1, 0.5, 0)) / 3)
-    assert d.se == pytest.approx(math.sqrt(sd_avg ** 2 / 4 + (0.25 / math.sqrt(2)) ** 2 / 2))
-    acc = stats.accuracy(a)
-    assert acc.value == pytest.approx(0.875) and acc.per_seed[0] == (0.75, pytest.approx(math.sqrt(0.75 * 0.25 / 4)))
+def test_hierarchical_estimate_hand_computed():
+    # 2 bases x 2 seeds x 4 problems of differences
+    d = [[[1, 0, 0, 0], [1, 1, 0, 0]], [[0, 0, 0, 0], [1, 0, 0, 1]]]
+    e = stats.estimate(d)
+    assert e.per_seed == [[0.25, 0.5], [0.0, 0.5]] and e.per_base == [0.375, 0.25]
+    assert e.value == pytest.approx(0.3125)
+    by_problem = [0.75, 0.25, 0.0, 0.25]
+    v1 = stats.sd(by_problem) ** 2 / 4
+    v2 = (0.375 - 0.25) ** 2 / 2 / 2  # sd of two base means = |a - b| / sqrt 2; squared over B = 2
+    assert e.se == pytest.approx(math.sqrt(v1 + v2))
+    assert e.df == pytest.approx((v1 + v2) ** 2 / (v1 ** 2 / 3 + v2 ** 2 / 1))
+    one = stats.estimate([[[1, 0], [0, 0], [1, 1]]])  # one base: the seeds carry the training noise
+    assert one.se == pytest.approx(math.sqrt(stats.sd([2 / 3, 1 / 3]) ** 2 / 2 + stats.sd([0.5, 0, 1]) ** 2 / 3))
+    base = [[[1, 0, 0, 1]], [[0, 0, 1, 1]]]
+    a = [[[1, 1, 0, 1], [1, 1, 1, 1]], [[0, 1, 1, 1], [1, 1, 1, 1]]]
+    p = stats.paired(a, base)  # each base's runs against that base
+    assert p.per_seed == [[0.25, 0.5], [0.25, 0.5]]
 
 
-def test_verdicts_are_worded_from_the_numbers():
-    big = stats.Paired(0.05, 0.01, [(0.05, 0.01)])
-    verdict, text = stats.claim_beats("redi-0.8", "sft", big)
-    assert verdict == "supported" and "+5.0 points (SE 1.0, 1 seed)" in text
-    assert stats.claim_beats("redi-0.8", "sft", stats.Paired(-0.05, 0.01, [(0, 0)]))[0] == "contradicted"
-    assert stats.claim_beats("redi-0.8", "sft", stats.Paired(0.01, 0.01, [(0, 0)]))[0] == "inconclusive"
-    curves = {"redi-1.0": {"chosen": [(0, -1.0), (50, -1.6)], "rejected": [(0, -1.2), (50, -3.0)]},
-              "redi-0.8": {"chosen": [(0, -1.0), (50, -0.95)], "rejected": [(0, -1.2), (50, -1.9)]}}
-    verdict, text = stats.claim_stability({"0.001": curves})
-    assert verdict == "supported" and "LR 0.001: 0.600 vs -0.050 (rejected 1.800 vs 0.700)" in text
-    low = {"redi-1.0": {"chosen": [(0, -1.0), (50, -1.3)], "rejected": [(0, -1.2), (50, -2.0)]},
-           "redi-0.8": {"chosen": [(0, -1.0), (50, -1.2)], "rejected": [(0, -1.2), (50, -1.8)]}}
-    verdict, text = stats.claim_stability({"0.001": low, "0.0001": curves})  # one LR shows it: enough
-    assert verdict == "supported" and text.index("LR 0.001: 0.300 vs 0.200") < text.index("LR 0.0001")
-    assert stats.claim_stability({"0.001": low})[0] == "partly"  # 1.0 falls further, but 0.8 falls too
-    assert stats.claim_stability({"0.001": {"redi-1.0": low["redi-0.8"], "redi-0.8": low["redi-1.0"]}}
-                                 )[0] == "not shown"
-    curves["redi-1.0"]["chosen"][-1] = (50, -1.02)
-    assert stats.claim_stability({"0.001": curves})[0] == "not shown"
-    # different LRs are never compared: redi-1.0 only at one LR, redi-0.8 only at another
-    assert stats.claim_stability({"0.001": {"redi-1.0": low["redi-1.0"]},
-                                  "0.0001": {"redi-0.8": low["redi-0.8"]}})[0] == "not tested"
-    deltas = {"dpo": stats.Paired(-0.1, 0.01, []), "simpo": stats.Paired(0.0, 0.01, [])}
-    verdict, text = stats.claim_baselines(deltas, {"redi-0.8": 1e-3, "dpo": 1e-3, "simpo": 1e-4})
-    assert verdict == "supported" and "dpo -10.0 points" in text and "simpo" in text
-    assert stats.claim_baselines({"dpo": stats.Paired(0.0, 0.01, [])}, {})[0] == "not shown"
+def _est(value, se, df=1e9):
+    return stats.Estimate(value, se, df, [value], [[value]])
+
+
+def test_verdict_rules_on_a_synthetic_table():
+    rules = stats.Rules(alpha=0.05, margin=0.02)
+    assert _est(0.05, 0.01).verdict(rules) == "supported"
+    assert _est(-0.05, 0.01).verdict(rules) == "contradicted"
+    assert _est(0.003, 0.005).verdict(rules) == "tie"  # 90% interval [-0.5, +1.1] points inside +-2
+    assert _est(0.01, 0.02).verdict(rules) == "inconclusive"
+    assert _est(0.05, 0.01, df=1).verdict(rules) == "inconclusive"  # t(0.975, 1) = 12.7: not enough bases
+    assert _est(0.015, 0.001).verdict(rules) == "tie"  # significant but inside the margin: a tie by the rules
+    assert stats.combine(["supported", "supported"]) == "supported"
+    assert stats.combine(["supported", "contradicted"]) == "contradicted"
+    assert stats.combine(["tie", "tie"]) == "tie" and stats.combine(["tie", "supported"]) == "inconclusive"
+    assert "+5.0 points, 95% interval [+3.0, +7.0]" in _est(0.05, 0.01).words(rules)
+
+
+def test_claims_from_a_synthetic_results_table():
+    """The report's claim rows from per-problem scores built to give each verdict."""
+    from types import SimpleNamespace
+
+    from redi_ds.ablation import report
+
+    rules = stats.Rules(alpha=0.05, margin=0.02)
+    n = 400
+
+    def runs(p: float, shift: int = 0):  # 2 bases x 3 seeds; problem i correct when (i + shift) % 100 < 100 p
+        return [[[float((i + shift + s) % 100 < 100 * p) for i in range(n)] for s in range(3)] for _ in range(2)]
+
+    mats = {m: {"redi-0.8": runs(0.60), "sft": runs(0.40), "dpo": runs(0.80), "simpo": runs(0.60, 1),
+                "redi-0": runs(0.60)} for m in ("greedy", "sampled")}
+    claim = lambda a, b: SimpleNamespace(text="t", source="s", kind="beats", section="paper", a=a, b=b)  # noqa: E731
+    assert report.claim(claim("redi-0.8", ["sft"]), mats, {}, rules, "sampled")["verdict"] == "supported"
+    assert report.claim(claim("redi-0.8", ["dpo"]), mats, {}, rules, "sampled")["verdict"] == "contradicted"
+    assert report.claim(claim("redi-0.8", ["redi-0"]), mats, {}, rules, "sampled")["verdict"] == "tie"
+    row = report.claim(claim("redi-0.8", ["sft", "simpo"]), mats, {}, rules, "sampled")
+    assert row["sampled"]["against"]["sft"]["verdict"] == "supported" and row["verdict"] == "inconclusive"
+    assert row["sampled"]["against"]["simpo"]["verdict"] == "tie"
+
+
+def test_stability_rule_per_probe_kind():
+    rules = stats.Rules(collapse_nats=0.1)
+    fall = lambda c0, c1, r0, r1: {"chosen": [(0, c0), (50, c1)], "rejected": [(0, r0), (50, r1)]}  # noqa: E731
+    hit = {"redi-1.0": {"same": fall(-1, -1.6, -1.2, -3), "diff": fall(-1, -1.5, -1, -2)},
+           "redi-0.8": {"same": fall(-1, -0.95, -1.2, -1.9), "diff": fall(-1, -1.05, -1, -1.5)}}
+    verdict, text = stats.stability({"0.001": hit}, rules)
+    assert verdict == "supported" and "LR 0.001, same: 0.600 vs -0.050 (rejected 1.800 vs 0.700)" in text
+    half = {"redi-1.0": hit["redi-1.0"], "redi-0.8": {**hit["redi-0.8"], "diff": fall(-1, -1.3, -1, -1.5)}}
+    assert stats.stability({"0.001": half}, rules)[0] == "not shown"  # one kind only: not enough
+    assert stats.stability({"0.001": half, "0.0003": hit}, rules)[0] == "supported"  # some LR in every kind
+    assert stats.stability({"0.001": {"redi-1.0": hit["redi-1.0"]}}, rules)[0] == "not tested"
+
+
+def test_heldout_probe_reports_each_kind_of_pair(tmp_path, monkeypatch):
+    """The claim-2 probe split by trace type: a JSONL's ``kind`` column gives per-kind means next to the overall."""
+    import torch
+    from types import SimpleNamespace
+
+    from redi_ds import passes
+
+    path = tmp_path / "probe.jsonl"
+    kinds = ["a", "b", "a"]
+    path.write_text("".join(json.dumps({"prompt": "1+1=?", "chosen": "c", "rejected": "r", "kind": k}) + "\n"
+                            for k in kinds))
+    skipped = SimpleNamespace(line=lambda: "3/3 kept")
+    encode = lambda raw, layout: ([{}] * len(raw), skipped)  # noqa: E731
+    batcher = SimpleNamespace(with_layout=lambda layout: None)
+    monkeypatch.setattr(passes, "logprob_pass", lambda *a: (torch.tensor([-1.0, -4, -9, -2, -2, -6], dtype=torch.float64),
+                                                            torch.tensor([1.0, 1, 3, 1, 2, 2], dtype=torch.float64)))
+    probe = passes.HeldoutProbe(str(path), 10, encode, batcher, 4)
+    row = probe.measure(None, 5)
+    assert row["logp_chosen"] == pytest.approx(-8 / 3) and row["logp_rejected"] == pytest.approx(-2)
+    assert row["logp_chosen/a"] == pytest.approx(-2) and row["logp_chosen/b"] == pytest.approx(-4)
+    assert row["logp_rejected/a"] == pytest.approx(-2.5) and row["logp_rejected/b"] == pytest.approx(-1)
+    path.write_text(path.read_text() + json.dumps({"prompt": "2=?", "chosen": "c", "rejected": "r"}) + "\n")
+    with pytest.raises(ConfigError, match="a 'kind' column needs a string kind on every row"):
+        passes.HeldoutProbe(str(path), 10, encode, batcher, 4)
 
 
 def test_ablation_config_errors_are_one_line(tmp_path):
-    cfg = load_ablation("ablation-tiny", "quick")
-    assert cfg.seeds == 1 and not cfg.sweep and cfg.task.sft_problems == 8000
-    assert all(len(b.lrs) == 1 for b in cfg.branches.values()) and cfg.branch("redi-0.8").overrides == {"loss.alpha": 0.8}
-    assert {"sft", "redi-0.8", "redi-1.0", "dpo", "simpo"} <= set(cfg.branches)
+    cfg = load_ablation("ablation-tiny")
+    assert cfg.bases >= 2 and cfg.seeds >= 3 and cfg.sweep_seed not in range(cfg.seeds)
+    assert {"sft", "sft-2x", "redi-0", "redi-0.8", "redi-1.0", "redi-0.8-divergent", "dpo", "simpo",
+            "redi-0.8-student", "rft"} <= set(cfg.branches)
+    assert [g["loss.beta"] for g in cfg.branch("dpo").grid] == [0.01, 0.1] and len(cfg.branch("simpo").grid) >= 2
+    assert cfg.claims["1"].a == "redi-0.8" and cfg.branch("redi-0.8").data == "teacher"  # claim 1: the teacher's pairs
+    assert cfg.claims["S"].section == "student" and cfg.branch("rft").section == "student"
+    quick = load_ablation("ablation-tiny", "quick")
+    assert quick.bases == 1 and all(len(b.lrs) <= 1 for b in quick.branches.values())
     smoke = load_ablation("ablation-tiny", "smoke")
-    assert smoke.task.sft_problems == 300 and smoke.stage2["train.max_steps"] == 4
-    assert smoke.stage2["train.schedule"] == "linear"  # merged over, not replaced
+    assert smoke.task.sft_problems == 80 and smoke.stage2["train.schedule"] == "linear"  # merged over, not replaced
     paper = load_ablation("ablation-paper")  # the cluster-scale config is checked here, run elsewhere
-    assert paper.task is None and paper.data.test == "math500" and paper.recipe == "paper"
+    assert paper.task is None and paper.data.test == "math500" and set(paper.branches) == set(cfg.branches)
+    assert {k: c.text for k, c in paper.claims.items()} == {k: c.text for k, c in cfg.claims.items()}
     bad = tmp_path / "bad.yaml"
-    bad.write_text("ablation:\n  seeds: 2\n  branches: {x: {stage: redi, data: nope, lrs: [1.0e-3]}}\n"
-                   "  reference: x\n")
-    with pytest.raises(ConfigError, match=r"branches.x.data = 'nope'") as e:
-        load_ablation(str(bad))
-    assert "\n" not in str(e.value)
-    bad.write_text("ablation:\n  seedz: 2\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'seedz'"):
-        load_ablation(str(bad))
+    cases = {"branches: {x: {stage: redi, data: nope, lrs: [1.0e-3]}}": r"branches.x.data = 'nope'",
+             "sweep_seed: 1\n  branches: {x: {lrs: [1.0e-3]}}": r"sweep_seed = 1 is a test seed",
+             "branches: {x: {lr_from: y}}": r"branches.x.lr_from = 'y'",
+             "rules: {metric: best}\n  branches: {x: {lrs: [1.0e-3]}}": r"rules.metric = 'best'",
+             "branches: {x: {lrs: [1.0e-3]}}\n  claims: {'1': {text: t, a: x, b: [z]}}": r"claims.1: .*unknown: z",
+             "seedz: 2": r"unknown key 'seedz'"}
+    for body, message in cases.items():
+        bad.write_text(f"ablation:\n  seeds: 2\n  {body}\n")
+        with pytest.raises(ConfigError, match=message) as e:
+            load_ablation(str(bad))
+        assert "\n" not in str(e.value)
+
+
+def test_preregistration_names_the_commit_of_the_config():
+    from redi_ds.ablation import report
+
+    pre = report.preregistration("ablation-tiny")
+    assert pre["file"].endswith("ablation-tiny.yaml") and len(pre["sha256"]) == 64
+    if (ROOT / ".git").exists():  # a checkout: the commit that last changed the file
+        import subprocess
+
+        last = subprocess.run(["git", "log", "-1", "--format=%H", "--", "redi_ds/configs/ablation-tiny.yaml"],
+                              cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        assert pre["commit"] == (last or "unknown")
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -153,52 +268,77 @@ def smoke_run(tmp_path_factory):
     return out, r, cmd, env
 
 
+BRANCHES = {"sft", "sft-2x", "redi-0", "redi-0.8", "redi-1.0", "redi-0.8-divergent", "dpo", "simpo",
+            "redi-0.8-student", "rft"}
+
+
 @pytest.mark.slow
 def test_smoke_ablation_writes_its_report(smoke_run):
     out, r, _, _ = smoke_run
     res = json.loads((out / "results.json").read_text())
-    assert set(res["branches"]) == {"sft", "redi-0.8", "redi-1.0", "dpo", "simpo", "redi-0.8-teacher"}
+    assert set(res["branches"]) == BRANCHES
     for name, b in res["branches"].items():
-        assert {"accuracy", "se", "delta", "delta_se", "seeds", "lr"} <= set(b), name
-        assert [s["seed"] for s in b["seeds"]] == [0] and Path(b["seeds"][0]["export"]).is_dir()
-        assert 0 <= b["accuracy"] <= 1 and b["curves"]["chosen"][0][0] == 0  # probed before the first step
-    assert Path(res["heldout"]).is_file() and "{export}" in res["reproduce"]
-    assert set(res["claims"]) >= {"1", "2", "3", "3/dpo", "3/simpo"}
+        assert [(x["base"], x["seed"]) for x in b["runs"]] == [(0, 0)] and Path(b["runs"][0]["export"]).is_dir()
+        for metric in ("greedy", "sampled"):
+            assert 0 <= b[metric]["accuracy"]["value"] <= 1 and "se" in b[metric]["vs_base"], name
+        assert b["curves"]["all"]["chosen"][0][0] == 0  # probed before the first step
+        assert set(b["curves"]) == {"all", "different first step", "same first step"}  # the probe by kind
+    assert res["branches"]["sft-2x"]["lr"] == res["branches"]["sft"]["lr"]  # lr_from
+    assert [k for k in res["branches"]["dpo"]["sweep"]] == ["3e-05|0", "3e-05|1"]  # the beta grid on validation
+    assert res["branches"]["dpo"]["variant"] in ({"loss.beta": 0.01}, {"loss.beta": 0.1})
+    # the teacher's data: graded samples, every problem accounted for
+    t = res["teacher"]
+    assert t["stage2"]["problems"] == 80 and t["stage2"]["samples"] == 640 and t["sft"]["kept"] > 0
+    pairs = [json.loads(x) for x in (out / "data" / "teacher_pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == t["stage2"]["pairs"] > 0
+    from redi_ds.eval import grade
+
+    for p in pairs:  # a right and a wrong teacher sample of the same problem, by the grader (outcome only)
+        assert grade(p["chosen"], p["answer"]) and not grade(p["rejected"], p["answer"])
+    assert res["base_probe"] == {} and len(res["bases"][0]["curve"]) == 2
+    assert set(res["claims"]) == {"1", "1-negative-term", "2", "3", "S"}
+    assert res["claims"]["1"]["verdict"] in stats.VERDICTS and res["claims"]["S"]["section"] == "student"
+    pre = res["preregistration"]
+    assert pre["file"].endswith("ablation-tiny.yaml") and len(pre["sha256"]) == 64 and "--smoke" in res["command"]
     summary = (out / "summary.md").read_text()
-    assert "| base (SFT) |" in summary and "**Claim 1**" in summary and res["claims"]["1"]["text"] in summary
-    for plot in ("accuracy.png", "logprobs.png", "stability.png"):  # stability: both alphas at lrs[0]
+    assert "| base (SFT) |" in summary and "**Claim 1**" in summary and "not the paper's claim" in summary
+    assert f"commit `{pre['commit']}`" in summary
+    for plot in ("accuracy.png", "stability.png"):  # stability: both alphas at the smoke's two LRs
         assert (out / plot).stat().st_size > 0, plot
     assert "claim 1:" in r.stdout
 
 
 @pytest.mark.slow
-def test_the_recorded_command_rescores_an_export_to_the_tables_number(smoke_run, tmp_path):
+def test_the_recorded_commands_rescore_an_export_to_the_tables_numbers(smoke_run, tmp_path):
     out, _, _, env = smoke_run
     res = json.loads((out / "results.json").read_text())
-    seed = res["branches"]["redi-0.8"]["seeds"][0]
-    cmd = shlex.split(res["reproduce"].replace("{export}", shlex.quote(seed["export"])))
-    r = subprocess.run([sys.executable, *cmd[1:], "--out", str(tmp_path / "rescore"), "--no-progress"], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads((tmp_path / "rescore" / "summary.json").read_text())
-    assert next(iter(summary["benchmarks"].values()))["pass@1"] == pytest.approx(seed["accuracy"], abs=1e-12)
+    run = res["branches"]["redi-0.8"]["runs"][0]
+    for metric in ("greedy", "sampled"):
+        cmd = shlex.split(res["reproduce"][metric].replace("{export}", shlex.quote(run["export"])))
+        r = subprocess.run([sys.executable, *cmd[1:], "--out", str(tmp_path / metric), "--no-progress"], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        summary = json.loads((tmp_path / metric / "summary.json").read_text())
+        assert next(iter(summary["benchmarks"].values()))["pass@1"] == pytest.approx(run[metric], abs=1e-12)
 
 
 @pytest.mark.slow
 def test_mlflow_parent_and_child_runs(smoke_run):
     from mlflow.tracking import MlflowClient
 
-    out, _, _, _ = smoke_run
+    out, r, _, _ = smoke_run
+    assert "warning: MLflow" not in r.stderr  # no tracking warning: the base's parts reopen their run
     client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
     parent_id = (out / "mlflow_parent_run_id").read_text().strip()
     parent = client.get_run(parent_id)
     assert parent.info.run_name == "ablation-tiny/smoke" and parent.data.tags["kind"] == "ablation"
-    assert "redi-0.8/accuracy" in parent.data.metrics
+    assert "redi-0.8/sampled" in parent.data.metrics
     exp = client.get_experiment_by_name("ablation-tiny-smoke")
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
     by_branch = {(c.data.tags["branch"], c.data.tags["seed"]) for c in children}
-    assert ("base", "-") in by_branch and ("redi-0.8", "0") in by_branch and len(children) == 7
-    redi = next(c for c in children if c.data.tags["branch"] == "redi-0.8")
+    assert {("teacher", "-"), ("base0", "-"), ("redi-0.8", "0"), ("redi-0.8", "100")} <= by_branch
+    assert len(children) == 2 + len(BRANCHES) + 8  # teacher, base, test runs, sweep runs (sft, redi x2: 2 LRs; dpo: 2 betas)
+    redi = next(c for c in children if c.data.tags["branch"] == "redi-0.8" and c.data.tags["seed"] == "0")
     assert redi.info.run_name.endswith("/redi") and redi.data.tags["alpha"] == "0.8"
     assert any(k.startswith("eval/test") for k in redi.data.metrics) and "heldout_logp_chosen" in redi.data.metrics
 
@@ -209,10 +349,9 @@ def test_a_rerun_reuses_every_finished_run(smoke_run):
     before = json.loads((out / "results.json").read_text())
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("is already done") == 7
+    assert r.stdout.count("is already done") == 2 + len(BRANCHES) + 8
     after = json.loads((out / "results.json").read_text())
-    assert {k: v["accuracy"] for k, v in after["branches"].items()} == \
-        {k: v["accuracy"] for k, v in before["branches"].items()}
+    assert {k: v["runs"] for k, v in after["branches"].items()} == {k: v["runs"] for k, v in before["branches"].items()}
 
 
 @pytest.mark.slow
@@ -225,7 +364,7 @@ def test_student_negatives_cli(smoke_run, tmp_path):
     data = tmp_path / "problems.jsonl"
     rows = [json.loads(x) for x in (out / "data" / "stage2.jsonl").read_text().splitlines()][:40]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows) + json.dumps({"problem": "1+1=?"}) + "\n")
-    r = subprocess.run([sys.executable, "-m", "redi_ds.data.negatives", "--model", str(out / "base" / "sft" / "export"),
+    r = subprocess.run([sys.executable, "-m", "redi_ds.data.negatives", "--model", str(out / "base0" / "sft" / "export"),
                         "--data", str(data), "--samples", "3", "--temperature", "1.0", "--max-new-tokens", "48",
                         "--no-system-prompt", "--backend", "hf", "--out", str(tmp_path / "neg"), "--no-progress"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -1,10 +1,12 @@
 """``redi-ds ablation --config ablation-tiny [--quick | --smoke] [--seeds N] [--out DIR]``
 
-Does REDI do what the paper says? Trains one SFT base, branches from it (continued SFT, REDI at alpha 0.8 and
-1.0, DPO, SimPO, and the config's extra branches) over seeds, scores every model on the same held-out problems,
-and writes ``DIR/results.json``, ``DIR/summary.md`` (the table and a verdict per claim) and plots. A rerun with
-the same ``--out`` reuses what is done. On a cluster: ``torchrun ... -m redi_ds.ablation --config ablation-paper``
-(see launch/slurm/ablation.sbatch). Exit status 2 for a bad config, 1 for a run that went wrong.
+Does REDI do what the paper says? Trains a teacher and samples it (the task's), trains independent SFT bases on
+its correct traces, branches from each (continued SFT, REDI at alpha 0, 0.8 and 1.0, DPO, SimPO, and the config's
+other branches) over seeds, chooses each branch's hyperparameters on validation, scores every model on the same
+held-out problems (greedy and sampled), and writes ``DIR/results.json`` (with the preregistration commit),
+``DIR/summary.md`` (the tables and each preregistered claim's verdict, worded by its rules) and plots. A rerun
+with the same ``--out`` reuses what is done. On a cluster: ``torchrun ... -m redi_ds.ablation --config
+ablation-paper`` (see launch/slurm/ablation.sbatch). Exit status 2 for a bad config, 1 for a run that went wrong.
 """
 
 from __future__ import annotations

@@ -1,17 +1,18 @@
-"""The experiment: one SFT base, stage-2 branches from it over seeds, paired scores on held-out problems.
+"""The experiment: a teacher, its graded samples, SFT bases, stage-2 branches over bases and seeds, paired scores.
 
-    data      the task's splits (generated) or the config's paths; held-out probe pairs
-    base      stage 1: the recipe's sft stage (``base`` overrides), scored on val and test
-    negatives the base's own incorrect samples on the stage-2 problems (redi_ds.data.negatives); every
-              branch trains on exactly these problems: continued SFT on their teacher traces, or pairs
-    sweep     each branch's LR chosen on the validation set with the first seed (``sweep: true``)
-    branches  every branch x seed from the base, same steps and schedule; scored on the test set
-    report    results.json, summary.md, plots (redi_ds.ablation.report)
+    data      the task's gold problems (generated), or the config's paths (a paper-scale ablation)
+    teacher   a larger model trained on gold traces, sampled at temperature 1 and graded (redi_ds.ablation.traces)
+    bases     ``bases`` SFT models on the teacher's correct traces, each scored on validation after every
+              ``base_segments`` part of its training (the plateau curve)
+    student   each base's own samples on the stage-2 problems (the student-negative section and its RFT control)
+    sweep     each branch's LR (and grid variant) chosen on validation with ``sweep_seed`` on base 0; an optimum
+              at a grid edge extends the grid (``rules.extend_grid``) or is flagged
+    branches  every branch x base x seed, same steps and schedule; scored on the test set, greedy and sampled
+    report    results.json (with the preregistration: the config's commit), summary.md, plots
 
-Every run is the trainer's own ``train(cfg)`` in this process (one process group, no start-up per run); a
-finished run or score is reused when ``--out`` already holds it, so an interrupted ablation resumes. Scores
-come from ``run_eval`` with the options of the recorded ``python -m redi_ds.eval`` command, so that command
-re-scores any export to the same number. MLflow: a parent run for the ablation, a child per training run.
+Every run is the trainer's own ``train(cfg)`` in this process; a finished run or score is reused when ``--out``
+already holds it, so an interrupted ablation resumes. Scores come from ``run_eval`` with the options of the
+recorded ``python -m redi_ds.eval`` command. MLflow: a parent run for the ablation, a child per training run.
 """
 
 from __future__ import annotations
@@ -44,18 +45,30 @@ class Paths:
 @dataclass
 class Score:
     accuracy: float
-    correct: dict  # problem id -> 0/1
+    correct: dict  # problem id -> fraction of samples correct
     out: str
 
 
 @dataclass
 class RunRecord:
     branch: str
+    base: int
     seed: int
     lr: float
     export: str
     stage_dir: str
-    scores: dict = field(default_factory=dict)  # split -> Score
+    variant: int = 0
+    scores: dict = field(default_factory=dict)  # "val" | "test" | "test-sampled" ... -> Score
+
+
+@dataclass
+class Choice:
+    """A branch's validated hyperparameters."""
+
+    lr: float
+    variant: int
+    bracketed: bool
+    table: dict  # "lr|variant" -> validation accuracy
 
 
 class Ablation:
@@ -65,6 +78,7 @@ class Ablation:
         self.uri = f"sqlite:///{self.out}/mlflow.db"
         self.parent_run: Optional[str] = None
         self.timings: dict[str, float] = {}
+        self.info: dict = {}  # teacher and student data stats, the base curves
 
     # ------------------------------------------------------------------------- the whole experiment
     def run(self) -> dict:
@@ -75,19 +89,18 @@ class Ablation:
         if self.rank == 0:  # the markers launch/slurm/train.sbatch reads (as a stage's)
             for marker in ("preempted", "done"):
                 (self.out / marker).unlink(missing_ok=True)
-        paths = self._timed("data", self.prepare_data)
         tracker = self._start_parent()
         try:
-            base = self._timed("base", self.train_base, paths)
-            neg_dir = self._timed("negatives", self.student_negatives, base, paths)
-            lrs, sweep, sweep_runs = self._timed("sweep", self.choose_lrs, base, neg_dir, paths)
-            runs = self._timed("branches", self.train_branches, base, neg_dir, paths, lrs)
-            results = report.results(self, base, runs, sweep, sweep_runs, lrs, paths)
+            paths = self._timed("data", self.prepare_data)
+            bases = self._timed("bases", lambda: [self.train_base(b, paths) for b in range(self.cfg.bases)])
+            student = self._timed("student", self.student_samples, bases, paths)
+            choices = self._timed("sweep", self.choose, bases[0], student, paths)
+            runs = self._timed("branches", self.train_branches, bases, student, paths, choices)
+            results = report.results(self, bases, runs, choices, paths)
             self.timings["total"] = time.time() - t0
             results["timings_s"] = self._cumulative_timings()
             if self.rank == 0:
-                files = report.write(self.out, results)
-                for f in files:
+                for f in report.write(self.out, results):
                     tracker.log_artifact(str(f))
                 tracker.log_metrics(report.parent_metrics(results), step=0)
                 (self.out / "done").write_text("ok\n")
@@ -118,31 +131,50 @@ class Ablation:
         finally:
             self.timings[what] = self.timings.get(what, 0.0) + time.time() - t
 
-    # ------------------------------------------------------------------------- data
+    # ------------------------------------------------------------------------- data: the teacher
     def prepare_data(self) -> Paths:
-        from redi_ds.ablation import task
+        """The task's gold files, the teacher, and its graded samples (or the config's paths)."""
+        from redi_ds.ablation import task, traces
 
         cfg = self.cfg
-        data_dir = self.out / "data"
         if cfg.task is None:
             d = cfg.data
             return Paths(sft=d.sft, stage2=d.stage2 or d.sft, teacher=d.teacher, val=d.val or d.test, test=d.test,
                          probe=d.probe)
-        if self.rank == 0 and not (data_dir / "test.jsonl").exists():
+        data_dir = self.out / "data"
+        gold = {k: str(data_dir / f"{k}.jsonl") for k in ("teacher", "sft_problems", "stage2_problems", "val",
+                                                           "test")}
+        if self.rank == 0 and not Path(gold["test"]).exists():
             task.write(cfg.task, data_dir)
-            _head_jsonl(data_dir / "teacher_pairs.jsonl", 0)  # (validates the file exists)
         _barrier()
-        probe = data_dir / "probe_pairs.jsonl"
-        if self.rank == 0 and not probe.exists():  # held-out pairs: validation problems, teacher mistakes
-            rows = task.generate(cfg.task)["val"][: cfg.probe.pairs]
-            with open(probe, "w") as f:
-                for r in rows:
-                    f.write(json.dumps({"prompt": r["problem"], "chosen": r["response"], "rejected": r["rejected"]})
-                            + "\n")
-        _barrier()
+        teacher = self.out / "teacher"
+        result = self._train("sft", teacher, {"data.path": gold["teacher"], **cfg.teacher},
+                             {"branch": "teacher", "seed": "-"})
+        stats_file = data_dir / "stats.json"
+        if not stats_file.exists():
+            rows = {split: _read_jsonl(gold[f"{split}_problems" if split != "val" else "val"])
+                    for split in ("sft", "stage2", "val")}
+            samples = {split: self.sample(result.export, r, cfg.teacher_samples) for split, r in rows.items()}
+            if self.rank == 0:
+                traces.teacher_data(rows, samples, data_dir)
+            _barrier()
+        self.info["teacher"] = json.loads(stats_file.read_text())
+        t = self.info["teacher"]
+        log0(f"teacher: {100 * t['stage2']['accuracy']:.1f}% of its samples right on the stage-2 problems; "
+             f"{t['sft']['kept']} sft traces, {t['stage2']['pairs']} stage-2 pairs, {t['val']['pairs']} probe pairs")
         return Paths(sft=str(data_dir / "sft.jsonl"), stage2=str(data_dir / "stage2.jsonl"),
-                     teacher=str(data_dir / "teacher_pairs.jsonl"), val=str(data_dir / "val.jsonl"),
-                     test=str(data_dir / "test.jsonl"), probe=str(probe))
+                     teacher=str(data_dir / "teacher_pairs.jsonl"), val=gold["val"], test=gold["test"],
+                     probe=str(data_dir / "probe_pairs.jsonl"))
+
+    def sample(self, export: str, rows: list[dict], opts) -> list:
+        """Graded samples of an export on problems (rank 0 samples; every rank gets them)."""
+        from redi_ds.data.negatives import sample_graded
+
+        out = None
+        if self.rank == 0:
+            out = sample_graded(export, [r["problem"] for r in rows], [r["answer"] for r in rows],
+                                replace(opts, system_prompt=self._system_prompt()), progress=False)
+        return _broadcast_obj(out)
 
     # ------------------------------------------------------------------------- training runs
     def _train(self, stage: str, out_dir: Path, settings: dict, tags: dict) -> Any:
@@ -158,106 +190,152 @@ class Ablation:
             raise Preempted(f"stopped early in {result.stage_dir}; rerun the same command to resume")
         return result
 
-    def train_base(self, paths: Paths) -> RunRecord:
-        out = self.out / "base"
-        probe = {"eval.heldout_pairs": paths.probe, "eval.heldout_every": self.cfg.probe.base_every} \
-            if paths.probe and self.cfg.probe.base_every else {}
-        result = self._train("sft", out, {"data.path": paths.sft, **probe, **self.cfg.base},
-                             {"branch": "base", "seed": "-"})
-        rec = RunRecord("base", 0, 0.0, result.export, result.stage_dir)
-        for split in ("val", "test"):
-            rec.scores[split] = self.score(rec, split, getattr(paths, split))
-        log0(f"base: val {rec.scores['val'].accuracy:.3f}, test {rec.scores['test'].accuracy:.3f} ({rec.export})")
+    def train_base(self, b: int, paths: Paths) -> RunRecord:
+        """Base ``b`` (run.seed b), trained in ``base_segments`` parts of its epochs, scored on validation after
+        each part (a part is the same run resumed with more epochs, so the last part is the base)."""
+        from redi_ds.config import load_config
+
+        out, k = self.out / f"base{b}", self.cfg.base_segments
+        settings = {"data.path": paths.sft, "run.seed": b, **self.cfg.base}
+        if paths.probe and self.cfg.probe.base_every:
+            settings |= {"eval.heldout_pairs": paths.probe, "eval.heldout_every": self.cfg.probe.base_every}
+        epochs = load_config(self.cfg.recipe, stage="sft", settings=settings).train.epochs
+        curve = []
+        for part in range(1, k + 1):
+            at = max(1, round(epochs * part / k))
+            seg = {"train.epochs": at} if part < k else {}
+            done = Path(out, "curve", f"part{part}", "summary.json").exists() and part < k
+            result = None if done else self._train("sft", out, settings | seg, {"branch": f"base{b}", "seed": "-"})
+            rec = RunRecord(f"base{b}", b, 0, 0.0, str(out / "sft" / "export"), str(out / "sft"))
+            score = self.score(rec, "val", paths.val, self.primary(), where=f"curve/part{part}", root=out)
+            curve.append((at, score.accuracy))
+        rec = RunRecord(f"base{b}", b, 0, 0.0, result.export, result.stage_dir)
+        for split, bench in (("val", paths.val), ("test", paths.test)):
+            for metric in ("greedy", "sampled"):
+                rec.scores[_key(split, metric)] = self.score(rec, split, bench, metric)
+        self.info.setdefault("base_curves", {})[b] = curve
+        log0(f"base {b}: validation {self.cfg.rules.metric} accuracy by epoch "
+             + ", ".join(f"{e:g}: {100 * a:.1f}" for e, a in curve))
         return rec
 
-    def student_negatives(self, base: RunRecord, paths: Paths) -> Optional[Path]:
-        """out/negatives: pairs/ and sft/ of the stage-2 problems the base got wrong, teacher.jsonl likewise
-        (None when no branch trains on the student's negatives)."""
-        from redi_ds.data import negatives
+    def student_samples(self, bases: list[RunRecord], paths: Paths) -> dict[int, Path]:
+        """Each base's samples on the teacher pairs' problems -> out/student/base{b}/ (traces.student_data)."""
+        from redi_ds.ablation import traces
 
-        if not any(b.data == "student" for b in self.cfg.branches.values()):
-            return None
-        out = self.out / "negatives"
-        if self.rank == 0 and not (out / "stats.json").exists():
-            rows = negatives.load_problems(paths.stage2)
-            opts = replace(self.cfg.negatives, system_prompt=self._system_prompt())
-            pairs, positives, rep = negatives.sample_negatives(base.export, rows, opts)
-            negatives.write(str(out), pairs, positives, rep, {"model": base.export, "data": paths.stage2,
-                                                             **opts.__dict__})
-            wrong = {p["prompt"] for p in pairs}
-            with open(out / "teacher.jsonl", "w") as f:  # the teacher's mistakes on the same problems
-                for row in _read_jsonl(paths.teacher):
-                    if row["prompt"] in wrong:
-                        f.write(json.dumps(row) + "\n")
-            log0(f"negatives: {rep.line()}")
-        _barrier()
-        return out
+        if not any(b.data in ("student", "rft") for b in self.cfg.branches.values()):
+            return {}
+        pairs = _read_jsonl(paths.teacher)
+        dirs = {}
+        for base in bases:
+            d = self.out / "student" / f"base{base.base}"
+            if not (d / "stats.json").exists():
+                samples = self.sample(base.export, [{"problem": p["prompt"], "answer": p["answer"]} for p in pairs],
+                                      self.cfg.student_samples)
+                if self.rank == 0:
+                    traces.student_data(pairs, samples, d)
+                _barrier()
+            self.info.setdefault("student", {})[base.base] = json.loads((d / "stats.json").read_text())
+            dirs[base.base] = d
+        return dirs
 
-    def _branch_settings(self, name: str, lr: float, seed: int, neg_dir: Optional[Path], paths: Paths,
-                         base: RunRecord) -> dict:
+    def _data(self, kind: str, base: int, student: dict, paths: Paths) -> str:
+        return {"stage2": lambda: paths.stage2, "teacher": lambda: paths.teacher,
+                "student": lambda: str(student[base] / "student_pairs.jsonl"),
+                "rft": lambda: str(student[base] / "rft.jsonl")}[kind]()
+
+    def _branch_run(self, name: str, lr: float, variant: int, base: RunRecord, seed: int, student: dict,
+                    paths: Paths) -> RunRecord:
         b = self.cfg.branch(name)
-        if neg_dir is not None:  # every branch on the problems the student got wrong
-            data = {"stage2": str(neg_dir), "student": str(neg_dir), "teacher": str(neg_dir / "teacher.jsonl")}
-        else:  # no branch samples the student: the configured stage-2 data
-            data = {"stage2": paths.stage2, "teacher": paths.teacher}
-        data = data[b.data]
-        return {"model.name_or_path": base.export, "data.path": data, "run.seed": seed, "train.lr": lr,
-                "eval.heldout_pairs": paths.probe, "eval.heldout_every": self.cfg.probe.every,
-                **self.cfg.stage2, **b.overrides}
+        tag = f"lr{lr:g}" + (f"-v{variant}" if b.grid else "")
+        out = self.out / "runs" / name / f"base{base.base}" / tag / f"seed{seed}"
+        settings = {"model.name_or_path": base.export, "data.path": self._data(b.data, base.base, student, paths),
+                    "run.seed": seed, "train.lr": lr, "eval.heldout_pairs": paths.probe,
+                    "eval.heldout_every": self.cfg.probe.every, **self.cfg.stage2, **b.overrides,
+                    **(b.grid[variant] if b.grid else {})}
+        if not paths.probe:
+            settings["eval.heldout_every"] = 0
+        result = self._train(b.stage, out, settings, {"branch": name, "seed": str(seed), "lr": f"{lr:g}",
+                                                      "base": str(base.base)})
+        return RunRecord(name, base.base, seed, lr, result.export, result.stage_dir, variant)
 
-    def _branch_run(self, name: str, lr: float, seed: int, neg_dir: Path, paths: Paths, base: RunRecord
-                    ) -> RunRecord:
-        b = self.cfg.branch(name)
-        out = self.out / "runs" / name / f"lr{lr:g}" / f"seed{seed}"
-        result = self._train(b.stage, out, self._branch_settings(name, lr, seed, neg_dir, paths, base),
-                             {"branch": name, "seed": str(seed), "lr": f"{lr:g}"})
-        return RunRecord(name, seed, lr, result.export, result.stage_dir)
-
-    def choose_lrs(self, base: RunRecord, neg_dir: Path, paths: Paths) -> tuple[dict, dict, dict]:
-        """{branch: lr}, {branch: {lr: validation accuracy}} and {branch: {lr: RunRecord}} (first seed; both
-        empty without a sweep)."""
-        lrs, sweep, sweep_runs = {}, {}, {}
+    # ------------------------------------------------------------------------- hyperparameters
+    def choose(self, base: RunRecord, student: dict, paths: Paths) -> dict[str, Choice]:
+        """Each branch's (LR, variant) with the best validation accuracy (primary metric; ``sweep_seed``)."""
+        choices: dict[str, Choice] = {}
         for name, b in self.cfg.branches.items():
-            if not self.cfg.sweep or len(b.lrs) == 1:
-                lrs[name] = b.lrs[0]
+            if b.lr_from or (len(b.lrs) == 1 and len(b.grid) <= 1):
                 continue
-            sweep[name], sweep_runs[name] = {}, {}
-            for lr in b.lrs:
-                rec = self._branch_run(name, lr, 0, neg_dir, paths, base)
-                sweep[name][f"{lr:g}"] = self.score(rec, "val", paths.val).accuracy
-                sweep_runs[name][f"{lr:g}"] = rec
-            lrs[name] = max(b.lrs, key=lambda lr: (sweep[name][f"{lr:g}"], -b.lrs.index(lr)))
-            log0(f"sweep {name}: validation accuracy by LR {sweep[name]} -> {lrs[name]:g}")
-        return lrs, sweep, sweep_runs
+            choices[name] = self._sweep(name, base, student, paths)
+            log0(f"sweep {name}: {choices[name].table} -> LR {choices[name].lr:g}, variant {choices[name].variant}"
+                 + ("" if choices[name].bracketed else " (optimum at the grid's edge)"))
+        for name, b in self.cfg.branches.items():
+            if b.lr_from:
+                src = choices.get(b.lr_from) or Choice(self.cfg.branch(b.lr_from).lrs[0], 0, False, {})
+                choices[name] = replace(src, table={})
+            elif name not in choices:
+                choices[name] = Choice(b.lrs[0], 0, False, {})
+        return choices
 
-    def train_branches(self, base: RunRecord, neg_dir: Path, paths: Paths, lrs: dict) -> dict[str, list[RunRecord]]:
+    def _sweep(self, name: str, base: RunRecord, student: dict, paths: Paths) -> Choice:
+        b = self.cfg.branch(name)
+        lrs, table = sorted(b.lrs), {}
+
+        def val(lr: float, v: int) -> float:
+            key = f"{lr:g}|{v}"
+            if key not in table:
+                rec = self._branch_run(name, lr, v, base, self.cfg.sweep_seed, student, paths)
+                table[key] = self.score(rec, "val", paths.val, self.primary()).accuracy
+            return table[key]
+
+        extensions = self.cfg.rules.extend_grid
+        while True:
+            scored = [(val(lr, v), -i, lr, v) for i, lr in enumerate(lrs) for v in range(max(len(b.grid), 1))]
+            _, _, lr, v = max(scored)
+            edge = len(lrs) > 1 and lr in (lrs[0], lrs[-1])
+            if not edge or extensions == 0:
+                return Choice(lr, v, not edge, table)
+            extensions -= 1
+            step = lrs[1] / lrs[0] if lr == lrs[0] else lrs[-1] / lrs[-2]
+            lrs = [lrs[0] / step] + lrs if lr == lrs[0] else lrs + [lrs[-1] * step]
+
+    def train_branches(self, bases: list[RunRecord], student: dict, paths: Paths, choices: dict
+                       ) -> dict[str, list[RunRecord]]:
         runs: dict[str, list[RunRecord]] = {}
         for name in self.cfg.branches:
+            c = choices[name]
             runs[name] = []
-            for seed in range(self.cfg.seeds):
-                rec = self._branch_run(name, lrs[name], seed, neg_dir, paths, base)
-                rec.scores["test"] = self.score(rec, "test", paths.test)
-                runs[name].append(rec)
-                log0(f"{name} seed {seed} (lr {lrs[name]:g}): test {rec.scores['test'].accuracy:.3f}")
+            for base in bases:
+                for seed in range(self.cfg.seeds):
+                    rec = self._branch_run(name, c.lr, c.variant, base, seed, student, paths)
+                    for metric in ("greedy", "sampled"):
+                        rec.scores[_key("test", metric)] = self.score(rec, "test", paths.test, metric)
+                    runs[name].append(rec)
+                    log0(f"{name} base {base.base} seed {seed}: test greedy "
+                         f"{100 * rec.scores['test'].accuracy:.1f}, sampled "
+                         f"{100 * rec.scores['test-sampled'].accuracy:.1f}")
         return runs
 
     # ------------------------------------------------------------------------- scores
-    def eval_options(self):
-        return replace(self.cfg.eval, system_prompt=self._system_prompt())
+    def primary(self) -> str:
+        return self.cfg.rules.metric
+
+    def eval_options(self, metric: str = "greedy"):
+        opts = self.cfg.eval if metric == "greedy" else self.cfg.sampled
+        return replace(opts, system_prompt=self._system_prompt())
 
     def _system_prompt(self) -> Optional[str]:
         from redi_ds.config import load_config
 
         return load_config(self.cfg.recipe, stage="sft").data.system_prompt
 
-    def score(self, rec: RunRecord, split: str, bench: str) -> Score:
-        """Greedy accuracy of an export on one split, with per-problem correctness (cached in the stage dir)."""
+    def score(self, rec: RunRecord, split: str, bench: str, metric: str = "greedy", where: str = "",
+              root: Optional[Path] = None) -> Score:
+        """Accuracy of an export on one split (greedy, or sampled pass@1), per problem (cached on disk)."""
         from redi_ds.eval import run_eval
 
-        out = Path(rec.stage_dir) / "scores" / split
-        summary_file = out / "summary.json"
-        if not summary_file.exists():
-            run_eval(rec.export, bench, self.eval_options(), out_dir=str(out), rank=self.rank,
+        out = Path(root or rec.stage_dir) / (where or f"scores/{_key(split, metric)}")
+        if not (out / "summary.json").exists():
+            run_eval(rec.export, bench, self.eval_options(metric), out_dir=str(out), rank=self.rank,
                      world_size=self.world, mlflow_run_id=_run_id(rec.stage_dir), tracking_uri=self.uri,
                      progress=False, print_table=False)
         _barrier()
@@ -267,11 +345,11 @@ class Ablation:
         correct = {pid: sum(v) / len(v) for pid, v in hits.items()}
         return Score(sum(correct.values()) / len(correct), correct, str(out))
 
-    def reproduce(self, bench: str) -> str:
+    def reproduce(self, bench: str, metric: str = "greedy") -> str:
         """The command that re-scores ``{export}`` to the table's number."""
         from redi_ds.eval.__main__ import command_line
 
-        return command_line("{export}", bench, self.eval_options())
+        return command_line("{export}", bench, self.eval_options(metric))
 
     # ------------------------------------------------------------------------- MLflow
     def _start_parent(self):
@@ -282,14 +360,18 @@ class Ablation:
                           enabled=self.rank == 0)
         id_file = self.out / "mlflow_parent_run_id"
         prior = id_file.read_text().strip() if id_file.exists() else None
-        params = {"config": self.name, "size": self.size, "seeds": self.cfg.seeds, "recipe": self.cfg.recipe,
-                  "branches": ",".join(self.cfg.branches), "sweep": self.cfg.sweep}
+        params = {"config": self.name, "size": self.size, "bases": self.cfg.bases, "seeds": self.cfg.seeds,
+                  "recipe": self.cfg.recipe, "branches": ",".join(self.cfg.branches), "metric": self.primary()}
         run_id = tracker.start(params, run_id=prior, run_name=f"{self.name}/{self.size}",
                                tags={"kind": "ablation", "git_commit": git_commit(), "command": self.command})
         if run_id and self.rank == 0:
             id_file.write_text(run_id)
-        self.parent_run = _broadcast_str(run_id or "")
+        self.parent_run = _broadcast_obj(run_id or "")
         return tracker
+
+
+def _key(split: str, metric: str) -> str:
+    return split if metric == "greedy" else f"{split}-{metric}"
 
 
 def _run_id(stage_dir: str) -> Optional[str]:
@@ -302,11 +384,6 @@ def _read_jsonl(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _head_jsonl(path, n: int) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(next(f)) for _ in range(n)]
-
-
 def _barrier() -> None:
     import torch.distributed as dist
 
@@ -314,7 +391,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _broadcast_str(value: str) -> str:
+def _broadcast_obj(value):
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -1,165 +1,243 @@
-"""The ablation's outputs: results.json, summary.md (table and one sentence per claim, worded from the
-numbers by redi_ds.ablation.stats) and two plots (accuracy per branch; held-out log-prob curves)."""
+"""The ablation's outputs: results.json, summary.md and plots. Every verdict is worded by the preregistered rules
+(redi_ds.ablation.stats, the config's ``rules`` and ``claims``), never by hand; results.json records the commit
+that last changed the config file, and whether the file run was that commit's."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
+import subprocess
 import time
 from pathlib import Path
 
 from redi_ds.ablation import stats
 
-CLAIMS = {
-    "1": "SFT then REDI (alpha 0.8) beats SFT alone continued for the same steps.",
-    "2": "Symmetric REDI (alpha 1.0) is unstable: the chosen log-prob collapses with the rejected one; 0.8 is "
-         "steady (compared at equal learning rates).",
-    "3": "DPO and SimPO degrade, or need a much smaller learning rate than REDI.",
-}
+METRIC_WORDS = {"greedy": "greedy accuracy", "sampled": "sampled pass@1"}
 
 
-def _matrix(records, split: str, ids: list[str]) -> list[list[float]]:
-    return [[r.scores[split].correct[i] for i in ids] for r in records]
+def _split_key(metric: str) -> str:
+    return "test" if metric == "greedy" else f"test-{metric}"
 
 
-def curves(records) -> dict:
-    """Mean over seeds of the held-out chosen / rejected log-prob per token, by probe step."""
+def _matrix(records, key: str, ids: list[str], bases: int) -> list[list[list[float]]]:
+    """[base][seed][problem] scores of a branch's runs."""
+    out: list[list[list[float]]] = [[] for _ in range(bases)]
+    for r in sorted(records, key=lambda r: (r.base, r.seed)):
+        out[r.base].append([r.scores[key].correct[i] for i in ids])
+    return out
+
+
+def curves(stage_dirs: list[str]) -> dict:
+    """Mean over runs of the held-out chosen / rejected log-prob per token by probe step, for all pairs ("all")
+    and per kind of pair."""
     from redi_ds.stage import StageDir
 
-    by_step: dict[int, list[tuple[float, float]]] = {}
-    for r in records:
-        for row in StageDir(r.stage_dir).heldout_rows():
-            by_step.setdefault(row["step"], []).append((row["logp_chosen"], row["logp_rejected"]))
-    steps = sorted(s for s, v in by_step.items() if len(v) == len(records))
-    return {"chosen": [(s, stats._mean(c for c, _ in by_step[s])) for s in steps],
-            "rejected": [(s, stats._mean(r for _, r in by_step[s])) for s in steps]}
-
-
-def by_lr(sweep_runs: dict, runs: dict, lrs: dict) -> dict:
-    """{lr: {branch: curves}}: the sweep's first-seed runs at each LR, and each branch's runs at its LR."""
-    out: dict[str, dict] = {}
-    for name, recs in sweep_runs.items():
-        for lr, rec in recs.items():
-            out.setdefault(lr, {})[name] = curves([rec])
-    for name, recs in runs.items():
-        out.setdefault(f"{lrs[name]:g}", {}).setdefault(name, curves(recs))  # (the sweep: seed 0 vs seed 0)
+    rows = [StageDir(d).heldout_rows() for d in stage_dirs]
+    rows = [r for r in rows if r]
+    if not rows:
+        return {}
+    kinds = ["all"] + sorted({k.split("/", 1)[1] for r in rows for k in r[0] if k.startswith("logp_chosen/")})
+    out = {}
+    for kind in kinds:
+        suffix = "" if kind == "all" else f"/{kind}"
+        by_step: dict[int, list[tuple[float, float]]] = {}
+        for run in rows:
+            for row in run:
+                by_step.setdefault(row["step"], []).append((row[f"logp_chosen{suffix}"],
+                                                            row[f"logp_rejected{suffix}"]))
+        steps = sorted(s for s, v in by_step.items() if len(v) == len(rows))
+        out[kind] = {"chosen": [(s, stats.mean(c for c, _ in by_step[s])) for s in steps],
+                     "rejected": [(s, stats.mean(r for _, r in by_step[s])) for s in steps]}
     return out
 
 
-def results(ab, base, runs: dict, sweep: dict, sweep_runs: dict, lrs: dict, paths) -> dict:
-    ids = sorted(base.scores["test"].correct)
-    b = [[base.scores["test"].correct[i] for i in ids]]
+def stability_curves(out: Path, cfg, names=("redi-1.0", "redi-0.8")) -> dict:
+    """{lr: {branch: curves}} from the validation sweep's runs (base 0, ``sweep_seed``): both alphas at one LR."""
+    by_lr: dict[str, dict] = {}
+    for name in names:
+        for heldout in sorted(Path(out, "runs", name, "base0").glob(f"lr*/seed{cfg.sweep_seed}/*/heldout.jsonl")):
+            lr = heldout.parents[2].name[2:]
+            by_lr.setdefault(lr, {})[name] = curves([str(heldout.parent)])
+    return {lr: c for lr, c in by_lr.items() if len(c) == len(names)}
+
+
+def preregistration(config: str) -> dict:
+    """The config file's sha256, the commit that last changed it, and whether the file run is that commit's."""
+    from importlib import resources
+
+    path = Path(config) if Path(config).is_file() else Path(str(resources.files("redi_ds.configs"))) / f"{config}.yaml"
+    out = {"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "commit": "unknown",
+           "committed": "", "clean": False}
+
+    def git(*args) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                                  cwd=path.resolve().parent).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    log = git("log", "-1", "--format=%H %cI", "--", path.name)
+    if log:
+        out["commit"], out["committed"] = log.split()
+        out["clean"] = git("status", "--porcelain", "--", path.name) == ""
+    return out
+
+
+def results(ab, bases, runs: dict, choices: dict, paths) -> dict:
+    cfg = ab.cfg
+    rules = stats.Rules(cfg.rules.alpha, cfg.rules.margin, cfg.rules.collapse_nats)
+    ids = sorted(bases[0].scores["test"].correct)
+    base_rows = {m: [[[b.scores[_split_key(m)].correct[i] for i in ids]] for b in bases] for m in ("greedy", "sampled")}
     out = {
-        "config": ab.name, "size": ab.size, "command": ab.command, "seeds": ab.cfg.seeds,
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": _machine(),
-        "heldout": paths.test, "validation": paths.val, "problems": len(ids),
-        "reproduce": ab.reproduce(paths.test),
-        "base": {"accuracy": base.scores["test"].accuracy, "se": stats.accuracy(b).se, "export": base.export,
-                 "val_accuracy": base.scores["val"].accuracy, "curve": curves([base])},
+        "config": ab.name, "size": ab.size, "command": ab.command, "preregistration": preregistration(ab.name),
+        "rules": cfg.rules.__dict__, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": _machine(),
+        "bases_n": cfg.bases, "seeds": cfg.seeds, "heldout": paths.test, "validation": paths.val, "problems": len(ids),
+        "reproduce": {m: ab.reproduce(paths.test, m) for m in ("greedy", "sampled")},
+        "teacher": ab.info.get("teacher", {}), "student": ab.info.get("student", {}),
+        "bases": [{"base": b.base, "export": b.export, "curve": ab.info.get("base_curves", {}).get(b.base, []),
+                   **{_split_key(m): b.scores[_split_key(m)].accuracy for m in ("greedy", "sampled")},
+                   "val": b.scores["val" if ab.primary() == "greedy" else "val-sampled"].accuracy} for b in bases],
+        "base_probe": curves([b.stage_dir for b in bases]),
         "branches": {},
     }
-    mats, deltas = {}, {}
+    mats = {m: {n: _matrix(recs, _split_key(m), ids, cfg.bases) for n, recs in runs.items()}
+            for m in ("greedy", "sampled")}
+    for m in ("greedy", "sampled"):
+        out[f"base_{m}"] = _est(stats.estimate(base_rows[m]))
     for name, recs in runs.items():
-        m = _matrix(recs, "test", ids)
-        mats[name] = m
-        acc, d = stats.accuracy(m), stats.paired(m, b)
-        deltas[name] = d
+        b, c = cfg.branch(name), choices[name]
         out["branches"][name] = {
-            "lr": lrs[name], "accuracy": acc.value, "se": acc.se, "delta": d.value, "delta_se": d.se,
-            "seeds": [{"seed": r.seed, "accuracy": r.scores["test"].accuracy, "export": r.export,
-                       "delta": ds, "delta_se": dse} for r, (ds, dse) in zip(recs, d.per_seed)],
-            "sweep": sweep.get(name, {}), "curves": curves(recs),
-            "stage": ab.cfg.branch(name).stage, "data": ab.cfg.branch(name).data,
-            "overrides": ab.cfg.branch(name).overrides,
+            "section": b.section, "stage": b.stage, "data": b.data, "overrides": b.overrides,
+            "lr": c.lr, "variant": b.grid[c.variant] if b.grid else {}, "bracketed": c.bracketed,
+            "sweep": c.table, "lr_from": b.lr_from,
+            "runs": [{"base": r.base, "seed": r.seed, "export": r.export,
+                      **{m: r.scores[_split_key(m)].accuracy for m in ("greedy", "sampled")}} for r in recs],
+            "curves": curves([r.stage_dir for r in recs]),
+            **{m: {"accuracy": _est(stats.estimate(mats[m][name])),
+                   "vs_base": _est(stats.paired(mats[m][name], base_rows[m]))} for m in ("greedy", "sampled")},
         }
-    if "redi-0.8" in mats:  # every branch against REDI at the paper's alpha, paired
-        for name, m in mats.items():
-            if name != "redi-0.8":
-                d = stats.paired(mats["redi-0.8"], m)
-                out["branches"][name]["redi_minus"] = {"value": d.value, "se": d.se,
-                                                       "per_seed": [v for v, _ in d.per_seed]}
-    claims = {}
-    ref = ab.cfg.reference
-    if "redi-0.8" in mats and ref in mats:
-        diff = stats.paired(mats["redi-0.8"], mats[ref])
-        verdict, text = stats.claim_beats("redi-0.8", ref, diff)
-        claims["1"] = {"claim": CLAIMS["1"], "verdict": verdict, "text": text, "difference": diff.value,
-                       "se": diff.se}
-        for other in (n for n in mats if n.startswith("redi") and n not in ("redi-0.8", "redi-1.0")):
-            d2 = stats.paired(mats[other], mats[ref])
-            v2, t2 = stats.claim_beats(other, ref, d2)
-            claims[f"1/{other}"] = {"claim": f"{other} beats {ref}.", "verdict": v2, "text": t2,
-                                    "difference": d2.value, "se": d2.se}
-    stability = {lr: {n: c for n, c in curves_at.items() if n in ("redi-1.0", "redi-0.8")}
-                 for lr, curves_at in by_lr(sweep_runs, runs, lrs).items()}
-    out["stability"] = {lr: c for lr, c in stability.items() if len(c) == 2}  # both alphas at one LR
-    verdict, text = stats.claim_stability(out["stability"])
-    claims["2"] = {"claim": CLAIMS["2"], "verdict": verdict, "text": text}
-    verdict, text = stats.claim_baselines(deltas, lrs if sweep else {})
-    claims["3"] = {"claim": CLAIMS["3"], "verdict": verdict, "text": text}
-    for other in (n for n in ("dpo", "simpo") if n in mats and "redi-0.8" in mats):  # the paper's Table 2
-        diff = stats.paired(mats["redi-0.8"], mats[other])
-        v, t = stats.claim_beats("redi-0.8", other, diff)
-        claims[f"3/{other}"] = {"claim": f"redi-0.8 beats {other}, each at its own validated LR.", "verdict": v,
-                                "text": t, "difference": diff.value, "se": diff.se}
-    out["claims"] = claims
+    out["stability"] = stability_curves(ab.out, cfg)
+    out["claims"] = {key: claim(c, mats, out["stability"], rules, cfg.rules.metric) for key, c in cfg.claims.items()}
     return out
+
+
+def claim(c, mats: dict, stability: dict, rules: stats.Rules, metric: str) -> dict:
+    """A preregistered claim's verdict (primary metric) and, for the record, the other metric's."""
+    row = {"text": c.text, "source": c.source, "kind": c.kind, "section": c.section, "metric": metric}
+    if c.kind == "stability":
+        row["verdict"], row["words"] = stats.stability(stability, rules)
+        return row
+    for m in ("greedy", "sampled"):
+        parts = {}
+        for other in c.b:
+            e = stats.paired(mats[m][c.a], mats[m][other])
+            parts[other] = {**_est(e), "verdict": e.verdict(rules), "words": e.words(rules)}
+        verdict = stats.combine([p["verdict"] for p in parts.values()])
+        row[m] = {"verdict": verdict, "against": parts}
+    row["verdict"] = row[metric]["verdict"]
+    row["words"] = "; ".join(f"{c.a} minus {o}: {p['verdict']}, {p['words']}" for o, p in row[metric]["against"].items())
+    return row
+
+
+def _est(e: stats.Estimate) -> dict:
+    return {"value": e.value, "se": e.se, "df": e.df, "per_base": e.per_base, "per_seed": e.per_seed}
 
 
 def parent_metrics(res: dict) -> dict:
-    m = {"base_accuracy": res["base"]["accuracy"]}
+    m = {}
     for name, b in res["branches"].items():
-        m[f"{name}/accuracy"] = b["accuracy"]
-        m[f"{name}/delta"] = b["delta"]
+        for metric in ("greedy", "sampled"):
+            m[f"{name}/{metric}"] = b[metric]["accuracy"]["value"]
     return m
+
+
+# ----------------------------------------------------------------------------- summary.md
 
 
 def write(out: Path, res: dict) -> list[Path]:
     files = [out / "results.json", out / "summary.md"]
     files[0].write_text(json.dumps(res, indent=2) + "\n")
     files[1].write_text(summary_md(res))
-    files += plot_accuracy(res, out / "accuracy.png") + plot_curves(res, out / "logprobs.png")
-    files += plot_stability(res, out / "stability.png")
-    return files
+    return files + plot_accuracy(res, out / "accuracy.png") + plot_stability(res, out / "stability.png")
+
+
+def _pm(e: dict, signed: bool = False) -> str:
+    v = stats.pct(e["value"]) if signed else f"{100 * e['value']:.1f}"
+    return f"{v} ± {100 * e['se']:.1f}"
 
 
 def summary_md(res: dict) -> str:
+    pre = res["preregistration"]
+    metric = res["rules"]["metric"]
     lines = [f"# Ablation `{res['config']}` ({res['size']})", "",
-             f"{res['date']}, {res['machine']}; {res['problems']} held-out problems, {res['seeds']} seed(s), "
-             "greedy decoding.", "", f"Command: `{res['command']}`", "",
-             f"Re-score any export: `{res['reproduce']}`", "",
-             "| branch | LR | accuracy per seed (%) | accuracy (%) | vs base (points) |",
-             "|---|---:|---|---:|---:|",
-             f"| base (SFT) | | | {100 * res['base']['accuracy']:.1f} ± {100 * res['base']['se']:.1f} | |"]
-    for name, b in res["branches"].items():
-        seeds = ", ".join(f"{100 * s['accuracy']:.1f}" for s in b["seeds"])
-        lines.append(f"| {name} | {b['lr']:g} | {seeds} | {100 * b['accuracy']:.1f} ± {100 * b['se']:.1f} | "
-                     f"{stats.pct(b['delta'])} ± {100 * b['delta_se']:.1f} |")
-    lines += ["", "± is one standard error (held-out problems and seeds combined, paired against the base).", ""]
-    paired = [(n, b["redi_minus"]) for n, b in res["branches"].items() if "redi_minus" in b]
-    if paired:
-        lines += ["| redi-0.8 minus | points | SE | per seed |", "|---|---:|---:|---|"]
-        lines += [f"| {n} | {stats.pct(d['value'])} | {100 * d['se']:.1f} | "
-                  + ", ".join(stats.pct(v) for v in d["per_seed"]) + " |" for n, d in paired]
+             f"{res['date']}, {res['machine']}; {res['problems']} held-out problems; {res['bases_n']} base(s) x "
+             f"{res['seeds']} seed(s) per branch.", "",
+             f"Command: `{res['command']}`", "",
+             f"Preregistration: `{Path(pre['file']).name}` at commit `{pre['commit']}` ({pre['committed']}); the run's "
+             f"file is {'that commit' if pre['clean'] else 'NOT that commit (changed since)'}. Primary metric: "
+             f"{METRIC_WORDS[metric]}; alpha {res['rules']['alpha']}, equivalence margin "
+             f"{100 * res['rules']['margin']:g} points.", ""]
+    lines += _data_lines(res)
+    for section, title in (("paper", "The paper's setting: the teacher's pairs"),
+                           ("student", "This project's finding: the student's own negatives (not the paper's claim)")):
+        names = [n for n, b in res["branches"].items() if b["section"] == section]
+        if not names:
+            continue
+        lines += [f"## {title}", "", "| branch | LR | variant | greedy (%) | vs base | sampled pass@1 (%) | vs base |",
+                  "|---|---:|---|---:|---:|---:|---:|"]
+        if section == "paper":
+            lines.append(f"| base (SFT) | | | {_pm(res['base_greedy'])} | | {_pm(res['base_sampled'])} | |")
+        for n in names:
+            b = res["branches"][n]
+            lr = f"{b['lr']:g}" + ("" if b["bracketed"] or not b["sweep"] else " (edge)")
+            lines.append(f"| {n} | {lr} | {json.dumps(b['variant']) if b['variant'] else ''} | "
+                         f"{_pm(b['greedy']['accuracy'])} | {_pm(b['greedy']['vs_base'], True)} | "
+                         f"{_pm(b['sampled']['accuracy'])} | {_pm(b['sampled']['vs_base'], True)} |")
+        lines += ["", "± is one standard error over problems, bases and seeds (redi_ds/ablation/stats.py). "
+                  "\"(edge)\": the validated LR is at the end of its (extended) grid.", ""]
+        claims = [(k, c) for k, c in res["claims"].items() if c["section"] == section]
+        for key, c in claims:
+            lines.append(f"- **Claim {key}**: \"{c['text']}\" ({c['source']}) **{c['verdict']}**: "
+                         f"{c['words'].rstrip('.')}.")
+            other = "greedy" if metric == "sampled" else "sampled"
+            if other in c:
+                lines.append(f"  - by {METRIC_WORDS[other]} (not the preregistered metric): {c[other]['verdict']}")
         lines.append("")
-    chosen = res["base"].get("curve", {}).get("chosen", [])
-    if len(chosen) >= 3:  # has the base plateaued? its held-out chosen log-prob over stage 1
-        last = chosen[-1][0]
-        late = next((v for s, v in chosen if s >= 0.8 * last), chosen[-2][1])
-        lines += [f"Base (stage 1): held-out chosen log-prob per token {chosen[0][1]:.3f} at step 0, {late:.3f} at 80% "
-                  f"of training, {chosen[-1][1]:.3f} at the end (step {last}).", ""]
-    if any(b["sweep"] for b in res["branches"].values()):
-        lines += ["Learning rates were chosen on the validation set with the first seed (accuracy %):", ""]
-        for name, b in res["branches"].items():
-            if b["sweep"]:
-                lines.append(f"- {name}: " + ", ".join(f"{lr}: {100 * v:.1f}" for lr, v in b["sweep"].items()))
-        lines.append("")
-    lines += ["## The claims", ""]
-    for key, c in res["claims"].items():
-        lines.append(f"- **Claim {key}** ({c['claim']}) **{c['verdict']}**: {c['text']}")
-    lines += ["", f"Timings (s, summed over the invocations on this output folder): "
+    lines += _sweep_lines(res)
+    lines += [f"Timings (s, summed over the invocations on this output folder): "
               f"{json.dumps(res.get('timings_s', {}), sort_keys=True)}", ""]
     return "\n".join(lines)
+
+
+def _data_lines(res: dict) -> list[str]:
+    t, lines = res.get("teacher") or {}, []
+    if t:
+        lines += [f"Teacher (sampled, graded): {100 * t['sft']['accuracy']:.1f}% of its samples right on the sft "
+                  f"problems, {100 * t['stage2']['accuracy']:.1f}% on the stage-2 problems; {t['sft']['kept']} sft "
+                  f"traces, {t['stage2']['pairs']} stage-2 pairs, {t['val']['pairs']} held-out probe pairs "
+                  f"({', '.join(f'{k}: {v}' for k, v in t.get('probe_kinds', {}).items())}).", ""]
+    for b in res["bases"]:
+        curve = ", ".join(f"{e:g}: {100 * a:.1f}" for e, a in b["curve"])
+        lines.append(f"- base {b['base']}: validation accuracy by epoch {curve}; test greedy "
+                     f"{100 * b['test']:.1f}%, sampled {100 * b['test-sampled']:.1f}%")
+    for b, s in (res.get("student") or {}).items():
+        lines.append(f"- base {b}'s own samples on the stage-2 problems: {100 * s['accuracy']:.1f}% right; "
+                     f"{s['student_pairs']} student pairs, {s['rft_rows']} RFT rows")
+    return lines + [""]
+
+
+def _sweep_lines(res: dict) -> list[str]:
+    lines = ["## Validation sweep (base 0, the sweep seed; the primary metric, %)", ""]
+    for n, b in res["branches"].items():
+        if b["sweep"]:
+            lines.append(f"- {n}: " + ", ".join(f"{k}: {100 * v:.1f}" for k, v in b["sweep"].items()))
+        elif b["lr_from"]:
+            lines.append(f"- {n}: the LR of {b['lr_from']}")
+    return lines + ["", "(keys are `LR|variant`, the variant an index into the branch's grid)", ""]
+
+
+# ----------------------------------------------------------------------------- plots
 
 
 def _figure(w=7.0, h=4.0):
@@ -172,59 +250,41 @@ def _figure(w=7.0, h=4.0):
 
 
 def plot_accuracy(res: dict, path: Path) -> list[Path]:
-    fig = _figure()
+    metric = res["rules"]["metric"]
+    fig = _figure(9, 4)
     ax = fig.add_subplot(1, 1, 1)
     names = ["base"] + list(res["branches"])
-    accs = [res["base"]["accuracy"]] + [b["accuracy"] for b in res["branches"].values()]
-    errs = [res["base"]["se"]] + [b["se"] for b in res["branches"].values()]
-    ax.bar(range(len(names)), [100 * a for a in accs], yerr=[100 * e for e in errs], capsize=4,
-           color=["#888888"] + ["#4477aa"] * (len(names) - 1))
+    est = [res[f"base_{metric}"]] + [b[metric]["accuracy"] for b in res["branches"].values()]
+    ax.bar(range(len(names)), [100 * e["value"] for e in est], yerr=[100 * e["se"] for e in est], capsize=4,
+           color=["#888888"] + ["#4477aa" if b["section"] == "paper" else "#ccbb44" for b in res["branches"].values()])
     for k, b in enumerate(res["branches"].values(), start=1):
-        ax.scatter([k] * len(b["seeds"]), [100 * s["accuracy"] for s in b["seeds"]], color="black", s=8, zorder=3)
-    ax.set_xticks(range(len(names)), labels=names, rotation=20)
-    ax.set_ylabel("held-out accuracy (%), greedy")
-    ax.set_title(f"{res['config']} ({res['size']}): mean ± SE, dots = seeds")
-    fig.tight_layout()
-    fig.savefig(str(path), dpi=120)
-    return [path]
-
-
-def plot_curves(res: dict, path: Path) -> list[Path]:
-    branches = {n: b["curves"] for n, b in res["branches"].items() if b["curves"]["chosen"]}
-    if not branches:
-        return []
-    fig = _figure(10, 4)
-    for k, which in enumerate(("chosen", "rejected")):
-        ax = fig.add_subplot(1, 2, k + 1)
-        for name, c in branches.items():
-            ax.plot([s for s, _ in c[which]], [v for _, v in c[which]], label=name)
-        ax.set_xlabel("stage-2 step")
-        ax.set_ylabel(f"held-out {which} log-prob / token")
-        ax.set_title(which)
-    ax.legend(fontsize=8)
+        ax.scatter([k] * len(b["runs"]), [100 * r[metric] for r in b["runs"]], color="black", s=8, zorder=3)
+    ax.set_xticks(range(len(names)), labels=names, rotation=25, fontsize=8)
+    ax.set_ylabel(f"held-out {METRIC_WORDS[metric]} (%)")
+    ax.set_title(f"{res['config']} ({res['size']}): mean ± SE, dots = runs (bases x seeds)")
     fig.tight_layout()
     fig.savefig(str(path), dpi=120)
     return [path]
 
 
 def plot_stability(res: dict, path: Path) -> list[Path]:
-    """The paper's stability figure: alpha 1.0 against 0.8 at the same LR, chosen (solid) and rejected (dashed)."""
+    """Alpha 1.0 against 0.8 at the same LR, per kind of held-out pair: chosen (solid), rejected (dashed)."""
     by_lr = res.get("stability") or {}
-    if not by_lr:
+    kinds = sorted({k for c in by_lr.values() for k in c.get("redi-1.0", {})})
+    if not by_lr or not kinds:
         return []
-    fig = _figure(3.2 * len(by_lr) + 1, 3.6)
-    for k, (lr, branches) in enumerate(by_lr.items()):
-        ax = fig.add_subplot(1, len(by_lr), k + 1)
-        for name, color in (("redi-1.0", "#cc3311"), ("redi-0.8", "#0077bb")):
-            c = branches[name]
-            ax.plot([s for s, _ in c["chosen"]], [v for _, v in c["chosen"]], color=color, label=f"{name} chosen")
-            ax.plot([s for s, _ in c["rejected"]], [v for _, v in c["rejected"]], color=color, ls="--",
-                    label=f"{name} rejected")
-        ax.set_title(f"LR {lr}")
-        ax.set_xlabel("stage-2 step")
-        if k == 0:
-            ax.set_ylabel("held-out log-prob / token")
-    ax.legend(fontsize=7)
+    fig = _figure(3.2 * len(by_lr) + 1, 3.0 * len(kinds))
+    for i, kind in enumerate(kinds):
+        for k, (lr, branches) in enumerate(sorted(by_lr.items())):
+            ax = fig.add_subplot(len(kinds), len(by_lr), i * len(by_lr) + k + 1)
+            for name, color in (("redi-1.0", "#cc3311"), ("redi-0.8", "#0077bb")):
+                c = branches[name].get(kind)
+                if c:
+                    ax.plot([s for s, _ in c["chosen"]], [v for _, v in c["chosen"]], color=color, label=f"{name} chosen")
+                    ax.plot([s for s, _ in c["rejected"]], [v for _, v in c["rejected"]], color=color, ls="--",
+                            label=f"{name} rejected")
+            ax.set_title(f"LR {lr}, {kind}", fontsize=8)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(str(path), dpi=110)
     return [path]

@@ -1,37 +1,40 @@
-"""The CPU-scale task of the ablation: arithmetic with a teacher that mixes two valid kinds of trace.
+"""The CPU-scale task of the ablation: arithmetic, traced by a real teacher.
 
-A problem is an expression of 2-3 additions and subtractions over operands in [1, 99] whose running value stays
-in [0, 199]; its answer is the value. The teacher answers every problem correctly, in one of two styles:
+A problem is a sum of 3-4 signed terms over operands in [1, max_operand] (e.g. ``12+7-5+20=?``); its answer is
+the value. A trace adds the terms one line at a time, in any order whose first term is positive and whose
+running value stays in [0, max_value]:
 
-    steps:   "12+34=46\\n46-5=41\\n\\boxed{41}"       one operation a line, then the boxed answer
-    direct:  "\\boxed{41}"                            the answer at once
+    12-5=7
+    7+20=27
+    27+7=34          (the same problem, another valid order:  12+20=32 / 32+7=39 / 39-5=34)
+    \\boxed{34}
 
-Both are valid, and the positives say nothing about which one a small student can carry out: the steps are
-easy to learn, the direct answers are not (a 3-layer model does not learn 3-term mental arithmetic from a few
-thousand examples). A student trained on the mixture writes direct answers for part of the problems and gets
-many of them wrong; its own wrong samples carry what the positives lack, which style fails *for it*. That is
-the regime where the negative term of REDI can add information (docs/ablation.md gives the measurements behind
-the choice; the pilot without it, one style and planted slips, found continued SFT as good or better).
+Every problem has at least ``min_orders`` valid orders, all with the same number of lines (length within a few
+characters), so no length normalisation can prefer one kind of trace. The gold traces pick an order at random.
 
-The teacher also makes mistakes, which are the classic REDI negatives: a slip of +-1, +-2 or +-10 in one step
-carried through to a wrong boxed answer (steps style), or a wrong boxed answer (direct style), in the same
-style mix. These carry no information about the student.
+The paper's data, at toy scale (redi_ds.ablation.harness):
 
-Splits (disjoint expressions): ``sft`` (stage 1), ``stage2`` (the problems every stage-2 branch trains on:
-continued SFT on their teacher traces, or pairs), ``val`` (choosing hyperparameters) and ``test`` (the held-out
-set of the report, in ``python -m redi_ds.eval --bench`` format). Everything is a function of the seed.
+    teacher   a larger model, trained on gold traces of its own problems (``teacher`` split)
+    samples   the teacher, sampled at temperature 1 on the student's problems and graded: its right and wrong
+              traces come from one natural error distribution, as R1's traces graded by math-verify
+    sft       the student's stage 1: a correct teacher trace per ``sft`` problem
+    stage2    the problems with a right and a wrong teacher trace: pairs (REDI, DPO, SimPO) and their positives
+              (continued SFT)
+    val/test  held-out problems (``python -m redi_ds.eval --bench`` format): hyperparameters / the report
 
-The tokenizer is character-level (a WordLevel model over single characters, built with ``tokenizers``; see
-``build_tokenizer``) and ships as ``redi_ds/assets/tokenizer/arith`` (``model.tokenizer: arith``).
+Splits are disjoint expressions; everything is a function of the seed. The tokenizer is character-level
+(``build_tokenizer``; shipped as ``redi_ds/assets/tokenizer/arith``, ``model.tokenizer: arith``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+
+from redi_ds.errors import ConfigError
 
 SPECIALS = ["<|endoftext|>", "<|im_end|>", "[UNK]"]
 CHARS = list("0123456789+-=?:QA\n\\boxed{} ")
@@ -44,120 +47,144 @@ CHAT_TEMPLATE = (
     "{%- endif -%}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'A:' }}{%- endif -%}"
 )
-STYLES = ("steps", "direct")
+SPLITS = ("teacher", "sft", "stage2", "val", "test")
 
 
 @dataclass
 class TaskConfig:
-    sft_problems: int = 4000
+    teacher_problems: int = 6000  # the teacher's own training problems (gold traces)
+    sft_problems: int = 3000
     stage2_problems: int = 2000
-    val_problems: int = 1000
-    test_problems: int = 2000
-    min_ops: int = 2
-    max_ops: int = 3
-    max_operand: int = 99
-    max_value: int = 199
-    direct_fraction: float = 0.5  # teacher traces in the direct style
+    val_problems: int = 500
+    test_problems: int = 1000
+    min_terms: int = 3
+    max_terms: int = 4
+    max_operand: int = 30
+    max_value: int = 99
+    min_orders: int = 2  # valid orders a problem must have
+    procedures: str = "any"  # any: every valid order | two: as written, or additions first (see orders)
     seed: int = 1234
+
+
+Term = tuple[str, int]  # ("+", 12)
 
 
 # ----------------------------------------------------------------------------- problems and traces
 
 
-def _problem(rng: random.Random, cfg: TaskConfig) -> tuple[list[int], list[str]]:
-    while True:
-        n_ops = rng.randint(cfg.min_ops, cfg.max_ops)
-        nums = [rng.randint(1, cfg.max_operand) for _ in range(n_ops + 1)]
-        ops = [rng.choice("+-") for _ in range(n_ops)]
-        values = _running(nums, ops)
-        if all(0 <= v <= cfg.max_value for v in values):
-            return nums, ops
-
-
-def _running(nums: list[int], ops: list[str]) -> list[int]:
-    out, v = [], nums[0]
-    for op, b in zip(ops, nums[1:]):
-        v = v + b if op == "+" else v - b
-        out.append(v)
+def orders(terms: list[Term], max_value: int, procedures: str = "any") -> list[tuple[Term, ...]]:
+    """The valid orders of the terms: a positive first term, every running value in [0, max_value]. ``procedures``:
+    any (every permutation) | two (as written, or every addition before the subtractions: two procedures a
+    small model can learn, chosen by the teacher at random)."""
+    if procedures == "two":
+        candidates = [tuple(terms), tuple([t for t in terms if t[0] == "+"] + [t for t in terms if t[0] == "-"])]
+    else:
+        candidates = list(itertools.permutations(terms))
+    out = []
+    for perm in dict.fromkeys(candidates):
+        if perm[0][0] != "+":
+            continue
+        v, ok = perm[0][1], True
+        for op, b in perm[1:]:
+            v = v + b if op == "+" else v - b
+            ok = ok and 0 <= v <= max_value
+        if ok:
+            out.append(perm)
     return out
 
 
-def expression(nums: list[int], ops: list[str]) -> str:
-    return str(nums[0]) + "".join(f"{op}{b}" for op, b in zip(ops, nums[1:]))
+def expression(terms: list[Term]) -> str:
+    return str(terms[0][1]) + "".join(f"{op}{b}" for op, b in terms[1:])
 
 
-def trace(nums: list[int], ops: list[str], style: str, slip: Optional[tuple[int, int]] = None) -> str:
-    """The teacher's trace; ``slip=(step, delta)`` adds delta to that step's result and carries it through."""
-    if style == "direct":
-        value = _running(nums, ops)[-1] + (slip[1] if slip else 0)
-        return f"\\boxed{{{value}}}"
-    lines, v = [], nums[0]
-    for i, (op, b) in enumerate(zip(ops, nums[1:])):
-        new = (v + b if op == "+" else v - b) + (slip[1] if slip and slip[0] == i else 0)
+def value(terms) -> int:
+    return sum(b if op == "+" else -b for op, b in terms)
+
+
+def trace(order) -> str:
+    lines, v = [], order[0][1]
+    for op, b in order[1:]:
+        new = v + b if op == "+" else v - b
         lines.append(f"{v}{op}{b}={new}")
         v = new
     return "\n".join(lines) + f"\n\\boxed{{{v}}}"
 
 
-def _slip(rng: random.Random, n_ops: int) -> tuple[int, int]:
-    return rng.randrange(n_ops), rng.choice([-10, -2, -1, 1, 2, 10])
+def _problem(rng: random.Random, cfg: TaskConfig) -> tuple[list[Term], list]:
+    while True:
+        n = rng.randint(cfg.min_terms, cfg.max_terms)
+        terms = [("+", rng.randint(1, cfg.max_operand))] + \
+            [(rng.choice("+-"), rng.randint(1, cfg.max_operand)) for _ in range(n - 1)]
+        valid = orders(terms, cfg.max_value, cfg.procedures)
+        if terms[0] in [o[0] for o in valid] and tuple(terms) in valid and len(valid) >= cfg.min_orders:
+            return terms, valid
 
 
 def generate(cfg: TaskConfig) -> dict[str, list[dict]]:
-    """Rows per split: id, problem, answer, level (operations), style, response, rejected (a teacher mistake)."""
+    """Rows per split: id, problem, answer, level (terms), orders (how many valid), response (a gold trace in a
+    random valid order). All problems are drawn first, then dealt to the splits at random, so that every split
+    has the same distribution (drawing split by split would let the first exhaust the small spaces)."""
     rng = random.Random(cfg.seed)
-    sizes = {"sft": cfg.sft_problems, "stage2": cfg.stage2_problems, "val": cfg.val_problems,
-             "test": cfg.test_problems}
-    seen: set[str] = set()
+    total = sum(getattr(cfg, f"{split}_problems") for split in SPLITS)
+    pool: dict[str, tuple] = {}
+    misses = 0
+    while len(pool) < total:
+        terms, valid = _problem(rng, cfg)
+        expr = expression(terms)
+        if expr in pool:
+            misses += 1
+            if misses > 100 * total + 10000:
+                raise ConfigError(f"task: found only {len(pool)} distinct problems of the {total} asked for "
+                                  "(raise max_operand or max_terms, or ask for fewer problems)")
+            continue
+        pool[expr] = (terms, valid)
+    exprs = list(pool)
+    rng.shuffle(exprs)
     out: dict[str, list[dict]] = {}
-    for split, n in sizes.items():
-        rows = []
-        while len(rows) < n:
-            nums, ops = _problem(rng, cfg)
-            expr = expression(nums, ops)
-            if expr in seen:
-                continue
-            seen.add(expr)
-            style = "direct" if rng.random() < cfg.direct_fraction else "steps"
-            bad_style = "direct" if rng.random() < cfg.direct_fraction else "steps"
-            rows.append({
-                "id": f"{split}-{len(rows)}", "problem": f"{expr}=?", "answer": str(_running(nums, ops)[-1]),
-                "level": len(ops), "style": style, "response": trace(nums, ops, style),
-                "rejected": trace(nums, ops, bad_style, _slip(rng, len(ops))), "rejected_style": bad_style,
-            })
-        out[split] = rows
+    for split in SPLITS:
+        n = getattr(cfg, f"{split}_problems")
+        chosen, exprs = exprs[:n], exprs[n:]
+        out[split] = []
+        for expr in chosen:
+            terms, valid = pool[expr]
+            out[split].append({"id": f"{split}-{len(out[split])}", "problem": f"{expr}=?",
+                               "answer": str(value(terms)), "level": len(terms), "orders": len(valid),
+                               "response": trace(rng.choice(valid))})
     return out
 
 
 def write(cfg: TaskConfig, out_dir: Path) -> dict[str, str]:
-    """The task's files; returns their paths:
-
-    sft.jsonl            stage 1: problem, response, answer
-    stage2.jsonl         continued SFT on the stage-2 problems: problem, response, answer
-    teacher_pairs.jsonl  stage-2 pairs with the teacher's mistakes: prompt, chosen, rejected, answer
-    val.jsonl, test.jsonl  held-out sets (id, problem, answer, level), ``--bench`` format
-    """
+    """The task's gold files; returns their paths: ``teacher.jsonl`` (the teacher's training data: problem,
+    response, answer), ``{sft,stage2}_problems.jsonl`` (id, problem, answer: what the teacher is sampled on) and
+    ``val.jsonl``, ``test.jsonl`` (``--bench`` format)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = generate(cfg)
     paths = {}
-
-    def dump(name: str, rows) -> None:
-        path = out_dir / f"{name}.jsonl"
-        with open(path, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        paths[name] = str(path)
-
-    for split in ("sft", "stage2"):
-        dump(split, ({"problem": r["problem"], "response": r["response"], "answer": r["answer"], "style": r["style"]}
-                     for r in splits[split]))
-    dump("teacher_pairs", ({"prompt": r["problem"], "chosen": r["response"], "rejected": r["rejected"],
-                            "answer": r["answer"]} for r in splits["stage2"]))
-    for split in ("val", "test"):
-        dump(split, ({"id": r["id"], "problem": r["problem"], "answer": r["answer"], "level": r["level"]}
-                     for r in splits[split]))
+    fields = {"teacher": ("problem", "response", "answer"), "sft": ("id", "problem", "answer"),
+              "stage2": ("id", "problem", "answer"), "val": ("id", "problem", "answer", "level"),
+              "test": ("id", "problem", "answer", "level")}
+    for split, keep in fields.items():
+        name = f"{split}_problems" if split in ("sft", "stage2") else split
+        paths[name] = str(write_jsonl(out_dir / f"{name}.jsonl", ({k: r[k] for k in keep} for r in splits[split])))
     return paths
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def is_in_order(problem: str, response: str) -> bool:
+    """Whether a trace adds the terms in the order the expression writes them (its trace type in the probe)."""
+    return response.split("\n", 1)[0].split("=", 1)[0] == _first_two(problem.rstrip("=?"))
+
+
+def _first_two(expr: str) -> str:
+    cut = [i for i, c in enumerate(expr) if c in "+-" and i > 0]
+    return expr[:cut[1]] if len(cut) > 1 else expr
 
 
 # ----------------------------------------------------------------------------- the tokenizer
@@ -183,49 +210,11 @@ def build_tokenizer(out_dir: Path) -> None:
     config.write_text(json.dumps(meta, indent=2) + "\n")
 
 
-# ----------------------------------------------------------------------------- what the models write
-
-
-def style_of(response: str) -> str:
-    """steps (at least one "a+b=c" line before the box) or direct."""
-    return "steps" if "=" in response.split("\\boxed", 1)[0] else "direct"
-
-
-def styles(out: Path) -> list[dict]:
-    """Per model of an ablation's output folder: the share of its held-out answers in the steps style, and its
-    accuracy in each style (from the scored samples: ``scores/test/samples.jsonl``)."""
-    rows = []
-    for samples in sorted(Path(out).glob("**/scores/test/samples.jsonl")):
-        stage_dir = samples.parents[2]
-        name = "base" if stage_dir.parent.name == "base" else \
-            f"{stage_dir.parents[2].name} {stage_dir.parents[1].name} {stage_dir.parent.name}"
-        by = {"steps": [0, 0], "direct": [0, 0]}
-        for line in samples.read_text().splitlines():
-            r = json.loads(line)
-            k = by[style_of(r["response"])]
-            k[0] += 1
-            k[1] += int(r["correct"])
-        n = sum(v[0] for v in by.values())
-        rows.append({"model": name, "steps_share": by["steps"][0] / n,
-                     **{f"{s}_accuracy": (c / m if m else float("nan")) for s, (m, c) in by.items()}})
-    return rows
-
-
 def main(argv=None) -> int:
-    import argparse
+    """Regenerate the shipped tokenizer."""
     from importlib import resources
 
-    ap = argparse.ArgumentParser(prog="python -m redi_ds.ablation.task")
-    ap.add_argument("--styles", metavar="OUT", help="an ablation's output folder: the style table of its models")
-    args = ap.parse_args(argv)
-    if args.styles is None:  # regenerate the shipped tokenizer
-        build_tokenizer(Path(str(resources.files("redi_ds"))) / "assets" / "tokenizer" / "arith")
-        return 0
-    print("| model | answers in steps style (%) | accuracy, steps (%) | accuracy, direct (%) |")
-    print("|---|---:|---:|---:|")
-    for r in styles(Path(args.styles)):
-        print(f"| {r['model']} | {100 * r['steps_share']:.1f} | {100 * r['steps_accuracy']:.1f} | "
-              f"{100 * r['direct_accuracy']:.1f} |")
+    build_tokenizer(Path(str(resources.files("redi_ds"))) / "assets" / "tokenizer" / "arith")
     return 0
 
 

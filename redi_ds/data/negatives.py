@@ -102,9 +102,6 @@ def _jsonl_problems(path: str) -> list[dict]:
 def sample_negatives(model, rows: list[dict], options: EvalOptions, *, progress: bool = True
                      ) -> tuple[list[dict], list[dict], NegativesReport]:
     """(pairs, positives of the same problems, report): ``options.samples`` samples per problem, graded."""
-    from redi_ds.eval.backends import build_generator
-    from redi_ds.eval.grading import STATS, grade_many
-    from redi_ds.eval.prompting import build_prompt
 
     t0 = time.time()
     report = NegativesReport()
@@ -124,38 +121,23 @@ def sample_negatives(model, rows: list[dict], options: EvalOptions, *, progress:
     if not usable:
         raise NegativesError("no usable problem: every row lacks a problem, response or answer "
                              f"({', '.join(f'{k}: {v}' for k, v in report.skipped.items())})")
-    gen = build_generator(options.backend, model, tokenizer=options.tokenizer, chat_template=options.chat_template,
-                          dtype=options.dtype, seed=options.seed, batch_size=options.batch_size,
-                          **(options.backend_options or {}))
-    try:
-        prompts = [build_prompt(gen.tokenizer, p, system_prompt=options.system_prompt,
-                                user_template=options.user_template, force_think=options.force_think)
-                   for p, _ in usable]
-        bar = _bar(len(prompts), progress)
-        completions = gen.generate(prompts, n=options.samples, temperature=options.temperature, top_p=options.top_p,
-                                   max_new_tokens=options.max_new_tokens, progress=bar.update)
-        bar.close()
-    finally:
-        gen.close()
-    flat = [(i, c) for i, comps in enumerate(completions) for c in comps]
-    before = dict(STATS)
-    verdicts = grade_many([c.text for _, c in flat], [usable[i][1]["answer"] for i, _ in flat],
-                          workers=options.grade_workers, timeout=options.grade_timeout)
-    report.grading = {k: STATS[k] - before[k] for k in STATS}
+    per_problem = sample_graded(model, [p for p, _ in usable], [row["answer"] for _, row in usable], options,
+                                progress=progress, report=report)
     first_wrong: dict[int, str] = {}
     any_wrong: set[int] = set()
-    for (i, c), ok in zip(flat, verdicts):
-        report.samples += 1
-        report.truncated += int(c.finish_reason == "length")
-        if ok:
-            report.correct += 1
-            continue
-        report.incorrect += 1
-        any_wrong.add(i)
-        if c.text.strip():
-            first_wrong.setdefault(i, c.text)
-        else:  # wrong, but nothing to train on: an end-of-turn at once
-            report.empty += 1
+    for i, samples in enumerate(per_problem):
+        for text, ok, finish in samples:
+            report.samples += 1
+            report.truncated += int(finish == "length")
+            if ok:
+                report.correct += 1
+                continue
+            report.incorrect += 1
+            any_wrong.add(i)
+            if text.strip():
+                first_wrong.setdefault(i, text)
+            else:  # wrong, but nothing to train on: an end-of-turn at once
+                report.empty += 1
     pairs, positives = [], []
     for i, (prompt, row) in enumerate(usable):
         if i not in first_wrong:
@@ -169,6 +151,39 @@ def sample_negatives(model, rows: list[dict], options: EvalOptions, *, progress:
     report.with_negative = len(pairs)
     report.seconds = round(time.time() - t0, 3)
     return pairs, positives, report
+
+
+def sample_graded(model, problems: list[str], answers: list[str], options: EvalOptions, *, progress: bool = True,
+                  report: Optional[NegativesReport] = None) -> list[list[tuple[str, bool, str]]]:
+    """``options.samples`` samples of ``model`` per problem, rendered as the trainer renders prompts and graded
+    against the answers: [[(text, correct, finish_reason)] per problem] (the grader's counters go to ``report``)."""
+    from redi_ds.eval.backends import build_generator
+    from redi_ds.eval.grading import STATS, grade_many
+    from redi_ds.eval.prompting import build_prompt
+
+    gen = build_generator(options.backend, model, tokenizer=options.tokenizer, chat_template=options.chat_template,
+                          dtype=options.dtype, seed=options.seed, batch_size=options.batch_size,
+                          **(options.backend_options or {}))
+    try:
+        prompts = [build_prompt(gen.tokenizer, p, system_prompt=options.system_prompt,
+                                user_template=options.user_template, force_think=options.force_think)
+                   for p in problems]
+        bar = _bar(len(prompts), progress)
+        completions = gen.generate(prompts, n=options.samples, temperature=options.temperature, top_p=options.top_p,
+                                   max_new_tokens=options.max_new_tokens, progress=bar.update)
+        bar.close()
+    finally:
+        gen.close()
+    flat = [(i, c) for i, comps in enumerate(completions) for c in comps]
+    before = dict(STATS)
+    verdicts = grade_many([c.text for _, c in flat], [answers[i] for i, _ in flat],
+                          workers=options.grade_workers, timeout=options.grade_timeout)
+    if report is not None:
+        report.grading = {k: STATS[k] - before[k] for k in STATS}
+    out: list[list[tuple[str, bool, str]]] = [[] for _ in problems]
+    for (i, c), ok in zip(flat, verdicts):
+        out[i].append((c.text, bool(ok), c.finish_reason))
+    return out
 
 
 def write(out: str, pairs: list[dict], positives: list[dict], report: NegativesReport, settings: dict) -> None:
