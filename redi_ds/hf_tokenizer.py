@@ -22,14 +22,18 @@ def encode(tok, text: str = PROBE) -> list[int]:
 
 def auto_tokenizer(source):
     """``AutoTokenizer.from_pretrained(source)``, or the folder's ``tokenizer.json`` as is when they disagree."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    tok = AutoTokenizer.from_pretrained(source)
     folder = os.path.expanduser(str(source))
-    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+    own_file = os.path.isfile(os.path.join(folder, "tokenizer.json"))
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except Exception:  # the model type's own class cannot read this folder: its tokenizer.json can
+        if not own_file:
+            raise
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    if not own_file:
         return tok
-    from transformers import PreTrainedTokenizerFast
-
     if type(tok).__name__ in ("TokenizersBackend", "PreTrainedTokenizerFast"):
         return tok  # already the tokenizer.json as is
     own = PreTrainedTokenizerFast.from_pretrained(folder)
