@@ -216,18 +216,17 @@ def test_heldout_probe_reports_each_kind_of_pair(tmp_path, monkeypatch):
 def test_ablation_config_errors_are_one_line(tmp_path):
     cfg = load_ablation("ablation-tiny")
     assert cfg.bases >= 2 and cfg.seeds >= 3 and cfg.sweep_seed not in range(cfg.seeds)
-    assert {"sft", "sft-2x", "redi-0", "redi-0.8", "redi-1.0", "redi-0.8-divergent", "dpo", "simpo",
-            "redi-0.8-student", "rft"} <= set(cfg.branches)
+    assert {"sft", "sft-2x", "redi-0", "redi-0.8", "redi-1.0", "redi-0.8-divergent", "dpo", "simpo"} <= set(cfg.branches)
     assert [g["loss.beta"] for g in cfg.branch("dpo").grid] == [0.01, 0.1] and len(cfg.branch("simpo").grid) >= 2
     assert cfg.claims["1"].a == "redi-0.8" and cfg.branch("redi-0.8").data == "teacher"  # claim 1: the teacher's pairs
-    assert cfg.claims["S"].section == "student" and cfg.branch("rft").section == "student"
+    smoke = load_ablation("ablation-tiny", "smoke")  # the student section: in the smoke size (and the paper config)
+    assert smoke.claims["S"].section == "student" and smoke.branch("rft").section == "student"
     quick = load_ablation("ablation-tiny", "quick")
     assert quick.bases == 1 and all(len(b.lrs) <= 1 for b in quick.branches.values())
-    smoke = load_ablation("ablation-tiny", "smoke")
     assert smoke.task.sft_problems == 80 and smoke.stage2["train.schedule"] == "linear"  # merged over, not replaced
     paper = load_ablation("ablation-paper")  # the cluster-scale config is checked here, run elsewhere
-    assert paper.task is None and paper.data.test == "math500" and set(paper.branches) == set(cfg.branches)
-    assert {k: c.text for k, c in paper.claims.items()} == {k: c.text for k, c in cfg.claims.items()}
+    assert paper.task is None and paper.data.test == "math500" and set(paper.branches) == set(smoke.branches)
+    assert {k: c.text for k, c in paper.claims.items()} == {k: c.text for k, c in smoke.claims.items()}
     bad = tmp_path / "bad.yaml"
     cases = {"branches: {x: {stage: redi, data: nope, lrs: [1.0e-3]}}": r"branches.x.data = 'nope'",
              "sweep_seed: 1\n  branches: {x: {lrs: [1.0e-3]}}": r"sweep_seed = 1 is a test seed",
