@@ -241,6 +241,24 @@ def test_ablation_config_errors_are_one_line(tmp_path):
         assert "\n" not in str(e.value)
 
 
+def test_phase_timings_survive_an_invocation_that_stops(tmp_path):
+    from redi_ds.ablation.harness import Ablation
+
+    ab = Ablation(load_ablation("ablation-tiny", "smoke"), tmp_path, "ablation-tiny", "smoke", "cmd")
+    tmp_path.mkdir(exist_ok=True)
+    assert ab._timed("data", lambda: 7) == 7
+
+    def stops():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ab._timed("bases", stops)  # a stopped phase still counts
+    again = Ablation(load_ablation("ablation-tiny", "smoke"), tmp_path, "ablation-tiny", "smoke", "cmd")
+    again._timed("bases", lambda: None)  # a resumed invocation adds to what is on disk
+    assert set(again._cumulative_timings()) == {"data", "bases"}
+    assert json.loads((tmp_path / "timings.json").read_text())["bases"] >= 0
+
+
 def test_preregistration_names_the_commit_of_the_config():
     from redi_ds.ablation import report
 

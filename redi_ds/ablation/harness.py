@@ -97,7 +97,7 @@ class Ablation:
             choices = self._timed("sweep", self.choose, bases[0], student, paths)
             runs = self._timed("branches", self.train_branches, bases, student, paths, choices)
             results = report.results(self, bases, runs, choices, paths)
-            self.timings["total"] = time.time() - t0
+            self._add_time("total", time.time() - t0)
             results["timings_s"] = self._cumulative_timings()
             if self.rank == 0:
                 for f in report.write(self.out, results):
@@ -116,20 +116,25 @@ class Ablation:
             raise
 
     def _cumulative_timings(self) -> dict:
-        """Seconds per phase summed over every invocation on this --out (a resumed run's parts add up)."""
+        """Seconds per phase summed over every invocation on this --out (timings.json is written as each phase
+        ends, so an invocation that stops or fails still counts its finished phases and the one it stopped in)."""
         path = self.out / "timings.json"
-        prior = json.loads(path.read_text()) if path.exists() else {}
-        total = {k: round(prior.get(k, 0.0) + self.timings.get(k, 0.0), 1) for k in {*prior, *self.timings}}
-        if self.rank == 0:
-            path.write_text(json.dumps(total, indent=1) + "\n")
-        return total
+        return json.loads(path.read_text()) if path.exists() else {}
 
     def _timed(self, what: str, fn, *args):
         t = time.time()
         try:
             return fn(*args)
         finally:
-            self.timings[what] = self.timings.get(what, 0.0) + time.time() - t
+            self._add_time(what, time.time() - t)
+
+    def _add_time(self, what: str, seconds: float) -> None:
+        self.timings[what] = self.timings.get(what, 0.0) + seconds
+        if self.rank == 0:
+            path = self.out / "timings.json"
+            prior = json.loads(path.read_text()) if path.exists() else {}
+            prior[what] = round(prior.get(what, 0.0) + seconds, 1)
+            path.write_text(json.dumps(prior, indent=1) + "\n")
 
     # ------------------------------------------------------------------------- data: the teacher
     def prepare_data(self) -> Paths:
