@@ -21,7 +21,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "redi-ds ablation") -
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[2])
     p.add_argument("--config", default="ablation-tiny", help="bundled ablation config name or YAML path")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="the config's quick size (CPU: ~20 min)")
+    size.add_argument("--quick", action="store_true", help="the config's quick size (CPU: target 20 min)")
     size.add_argument("--smoke", action="store_true", help="the config's smoke size (CI: a few minutes)")
     p.add_argument("--seeds", type=int, default=None, help="stage-2 seeds (default: the config's)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<config>-<size>)")
