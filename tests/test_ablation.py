@@ -259,11 +259,18 @@ def test_phase_timings_survive_an_invocation_that_stops(tmp_path):
     assert json.loads((tmp_path / "timings.json").read_text())["bases"] >= 0
 
 
-def test_preregistration_names_the_commit_of_the_config():
+def test_preregistration_names_the_commit_of_the_config(tmp_path):
     from redi_ds.ablation import report
 
     pre = report.preregistration("ablation-tiny")
     assert pre["file"].endswith("ablation-tiny.yaml") and len(pre["sha256"]) == 64
+    own = tmp_path / "prereg-own.yaml"  # a user's YAML path: hashed, and not in git here
+    own.write_text("ablation: {}\n")
+    mine = report.preregistration(str(own))
+    assert mine["file"] == str(own) and mine["commit"] == "unknown" and not mine["clean"]
+    import hashlib
+
+    assert mine["sha256"] == hashlib.sha256(own.read_bytes()).hexdigest()
     if (ROOT / ".git").exists():  # a checkout: the commit that last changed the file
         import subprocess
 

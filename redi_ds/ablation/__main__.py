@@ -43,7 +43,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "redi-ds ablation") -
         from redi_ds.distributed import init_distributed
 
         init_distributed()
-        results = Ablation(cfg, out, name, size_name, command).run()
+        results = Ablation(cfg, out, name, size_name, command, source=args.config).run()
     except Preempted as e:
         if rank0:
             print(f"[redi-ds] ablation {e}", flush=True)

@@ -72,8 +72,9 @@ class Choice:
 
 
 class Ablation:
-    def __init__(self, cfg: AblationConfig, out: Path, name: str, size: str, command: str):
+    def __init__(self, cfg: AblationConfig, out: Path, name: str, size: str, command: str, source: str = ""):
         self.cfg, self.out, self.name, self.size, self.command = cfg, Path(out).resolve(), name, size, command
+        self.source = source or name  # the config: a bundled name or a YAML path (its commit is the preregistration)
         self.rank, self.world = ranks.rank(), ranks.world_size()
         self.uri = f"sqlite:///{self.out}/mlflow.db"
         self.parent_run: Optional[str] = None

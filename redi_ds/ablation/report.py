@@ -90,7 +90,7 @@ def results(ab, bases, runs: dict, choices: dict, paths) -> dict:
     ids = sorted(bases[0].scores["test"].correct)
     base_rows = {m: [[[b.scores[_split_key(m)].correct[i] for i in ids]] for b in bases] for m in ("greedy", "sampled")}
     out = {
-        "config": ab.name, "size": ab.size, "command": ab.command, "preregistration": preregistration(ab.name),
+        "config": ab.name, "size": ab.size, "command": ab.command, "preregistration": preregistration(ab.source),
         "rules": cfg.rules.__dict__, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": _machine(),
         "bases_n": cfg.bases, "seeds": cfg.seeds, "heldout": paths.test, "validation": paths.val, "problems": len(ids),
         "reproduce": {m: ab.reproduce(paths.test, m) for m in ("greedy", "sampled")},
