@@ -275,7 +275,7 @@ def plot_stability(res: dict, path: Path) -> list[Path]:
         return []
     fig = _figure(3.2 * len(by_lr) + 1, 3.0 * len(kinds))
     for i, kind in enumerate(kinds):
-        for k, (lr, branches) in enumerate(sorted(by_lr.items())):
+        for k, (lr, branches) in enumerate(sorted(by_lr.items(), key=lambda kv: float(kv[0]))):
             ax = fig.add_subplot(len(kinds), len(by_lr), i * len(by_lr) + k + 1)
             for name, color in (("redi-1.0", "#cc3311"), ("redi-0.8", "#0077bb")):
                 c = branches[name].get(kind)
