@@ -143,11 +143,17 @@ def sp_runs(tmp_path_factory):
     from trainutil import run_configs
 
     tmp = tmp_path_factory.mktemp("sp")
-    paths = task.write(task.TaskConfig(sft_problems=16, stage2_problems=16, val_problems=1, test_problems=1), tmp)
+    rows = task.generate(task.TaskConfig(teacher_problems=32, sft_problems=1, stage2_problems=1, val_problems=1,
+                                         test_problems=1))["teacher"]
+    paths = {"sft": str(task.write_jsonl(tmp / "sft.jsonl", ({"problem": r["problem"], "response": r["response"]}
+                                                             for r in rows[:16]))),
+             "pairs": str(task.write_jsonl(tmp / "pairs.jsonl", ({"prompt": a["problem"], "chosen": a["response"],
+                                                                  "rejected": b["response"]}  # another problem's trace
+                                                                 for a, b in zip(rows[:16], rows[16:]))))}
     cases = [("redi", True, 3), ("redi", False, 3), ("sft", True, 3), ("dpo", True, 3), ("redi", True, 2)]
 
     def data(loss):
-        return paths["sft"] if loss == "sft" else paths["teacher_pairs"]
+        return paths["sft"] if loss == "sft" else paths["pairs"]
 
     run_configs([_sp_args(loss, data(loss), tmp / f"one-{loss}-{packed}-{zero}", sp=1, packed=packed, zero=zero)
                  for loss, packed, zero in cases], tmp, nproc=1)
