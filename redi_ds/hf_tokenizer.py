@@ -34,7 +34,7 @@ def auto_tokenizer(source):
         return PreTrainedTokenizerFast.from_pretrained(folder)
     if not own_file:
         return tok
-    if type(tok).__name__ in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+    if type(tok) is PreTrainedTokenizerFast:
         return tok  # already the tokenizer.json as is
     own = PreTrainedTokenizerFast.from_pretrained(folder)
     return own if encode(own) != encode(tok) else tok

@@ -17,6 +17,7 @@ recorded ``python -m redi_ds.eval`` command. MLflow: a parent run for the ablati
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -78,7 +79,6 @@ class Ablation:
         self.rank, self.world = ranks.rank(), ranks.world_size()
         self.uri = f"sqlite:///{self.out}/mlflow.db"
         self.parent_run: Optional[str] = None
-        self.timings: dict[str, float] = {}
         self.info: dict = {}  # teacher and student data stats, the base curves
 
     # ------------------------------------------------------------------------- the whole experiment
@@ -130,7 +130,6 @@ class Ablation:
             self._add_time(what, time.time() - t)
 
     def _add_time(self, what: str, seconds: float) -> None:
-        self.timings[what] = self.timings.get(what, 0.0) + seconds
         if self.rank == 0:
             path = self.out / "timings.json"
             prior = json.loads(path.read_text()) if path.exists() else {}
@@ -179,7 +178,7 @@ class Ablation:
         out = None
         if self.rank == 0:
             out = sample_graded(export, [r["problem"] for r in rows], [r["answer"] for r in rows],
-                                replace(opts, system_prompt=self._system_prompt()), progress=False)
+                                replace(opts, system_prompt=self._system_prompt), progress=False)
         return _broadcast_obj(out)
 
     # ------------------------------------------------------------------------- training runs
@@ -218,7 +217,7 @@ class Ablation:
         rec = RunRecord(f"base{b}", b, 0, 0.0, result.export, result.stage_dir)
         for split, bench in (("val", paths.val), ("test", paths.test)):
             for metric in ("greedy", "sampled"):
-                rec.scores[_key(split, metric)] = self.score(rec, split, bench, metric)
+                rec.scores[score_key(split, metric)] = self.score(rec, split, bench, metric)
         self.info.setdefault("base_curves", {})[b] = curve
         log0(f"base {b}: validation {self.cfg.rules.metric} accuracy by epoch "
              + ", ".join(f"{e:g}: {100 * a:.1f}" for e, a in curve))
@@ -314,7 +313,7 @@ class Ablation:
                 for seed in range(self.cfg.seeds):
                     rec = self._branch_run(name, c.lr, c.variant, base, seed, student, paths)
                     for metric in ("greedy", "sampled"):
-                        rec.scores[_key("test", metric)] = self.score(rec, "test", paths.test, metric)
+                        rec.scores[score_key("test", metric)] = self.score(rec, "test", paths.test, metric)
                     runs[name].append(rec)
                     log0(f"{name} base {base.base} seed {seed}: test greedy "
                          f"{100 * rec.scores['test'].accuracy:.1f}, sampled "
@@ -327,8 +326,9 @@ class Ablation:
 
     def eval_options(self, metric: str = "greedy"):
         opts = self.cfg.eval if metric == "greedy" else self.cfg.sampled
-        return replace(opts, system_prompt=self._system_prompt())
+        return replace(opts, system_prompt=self._system_prompt)
 
+    @functools.cached_property
     def _system_prompt(self) -> Optional[str]:
         from redi_ds.config import load_config
 
@@ -339,7 +339,7 @@ class Ablation:
         """Accuracy of an export on one split (greedy, or sampled pass@1), per problem (cached on disk)."""
         from redi_ds.eval import run_eval
 
-        out = Path(root or rec.stage_dir) / (where or f"scores/{_key(split, metric)}")
+        out = Path(root or rec.stage_dir) / (where or f"scores/{score_key(split, metric)}")
         if not (out / "summary.json").exists():
             run_eval(rec.export, bench, self.eval_options(metric), out_dir=str(out), rank=self.rank,
                      world_size=self.world, mlflow_run_id=_run_id(rec.stage_dir), tracking_uri=self.uri,
@@ -376,7 +376,8 @@ class Ablation:
         return tracker
 
 
-def _key(split: str, metric: str) -> str:
+def score_key(split: str, metric: str) -> str:
+    """A RunRecord's scores key: ``test`` (greedy), ``test-sampled`` ..."""
     return split if metric == "greedy" else f"{split}-{metric}"
 
 

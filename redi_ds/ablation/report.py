@@ -12,12 +12,9 @@ import time
 from pathlib import Path
 
 from redi_ds.ablation import stats
+from redi_ds.ablation.harness import score_key
 
 METRIC_WORDS = {"greedy": "greedy accuracy", "sampled": "sampled pass@1"}
-
-
-def _split_key(metric: str) -> str:
-    return "test" if metric == "greedy" else f"test-{metric}"
 
 
 def _matrix(records, key: str, ids: list[str], bases: int) -> list[list[list[float]]]:
@@ -88,7 +85,7 @@ def results(ab, bases, runs: dict, choices: dict, paths) -> dict:
     cfg = ab.cfg
     rules = stats.Rules(cfg.rules.alpha, cfg.rules.margin, cfg.rules.collapse_nats)
     ids = sorted(bases[0].scores["test"].correct)
-    base_rows = {m: [[[b.scores[_split_key(m)].correct[i] for i in ids]] for b in bases] for m in ("greedy", "sampled")}
+    base_rows = {m: [[[b.scores[score_key("test", m)].correct[i] for i in ids]] for b in bases] for m in ("greedy", "sampled")}
     out = {
         "config": ab.name, "size": ab.size, "command": ab.command, "preregistration": preregistration(ab.source),
         "rules": cfg.rules.__dict__, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": _machine(),
@@ -96,12 +93,12 @@ def results(ab, bases, runs: dict, choices: dict, paths) -> dict:
         "reproduce": {m: ab.reproduce(paths.test, m) for m in ("greedy", "sampled")},
         "teacher": ab.info.get("teacher", {}), "student": ab.info.get("student", {}),
         "bases": [{"base": b.base, "export": b.export, "curve": ab.info.get("base_curves", {}).get(b.base, []),
-                   **{_split_key(m): b.scores[_split_key(m)].accuracy for m in ("greedy", "sampled")},
+                   **{score_key("test", m): b.scores[score_key("test", m)].accuracy for m in ("greedy", "sampled")},
                    "val": b.scores["val" if ab.primary() == "greedy" else "val-sampled"].accuracy} for b in bases],
         "base_probe": curves([b.stage_dir for b in bases]),
         "branches": {},
     }
-    mats = {m: {n: _matrix(recs, _split_key(m), ids, cfg.bases) for n, recs in runs.items()}
+    mats = {m: {n: _matrix(recs, score_key("test", m), ids, cfg.bases) for n, recs in runs.items()}
             for m in ("greedy", "sampled")}
     for m in ("greedy", "sampled"):
         out[f"base_{m}"] = _est(stats.estimate(base_rows[m]))
@@ -112,7 +109,7 @@ def results(ab, bases, runs: dict, choices: dict, paths) -> dict:
             "lr": c.lr, "variant": b.grid[c.variant] if b.grid else {}, "bracketed": c.bracketed,
             "sweep": c.table, "lr_from": b.lr_from,
             "runs": [{"base": r.base, "seed": r.seed, "export": r.export,
-                      **{m: r.scores[_split_key(m)].accuracy for m in ("greedy", "sampled")}} for r in recs],
+                      **{m: r.scores[score_key("test", m)].accuracy for m in ("greedy", "sampled")}} for r in recs],
             "curves": curves([r.stage_dir for r in recs]),
             **{m: {"accuracy": _est(stats.estimate(mats[m][name])),
                    "vs_base": _est(stats.paired(mats[m][name], base_rows[m]))} for m in ("greedy", "sampled")},
