@@ -259,6 +259,39 @@ def test_phase_timings_survive_an_invocation_that_stops(tmp_path):
     assert json.loads((tmp_path / "timings.json").read_text())["bases"] >= 0
 
 
+def test_teacher_is_the_first_part_that_reaches_its_target(tmp_path, monkeypatch):
+    """The teacher's strength rule: trained in parts, it stops after the first part whose validation accuracy
+    reaches the target; a rerun retrains no finished part and stops at the same one."""
+    from types import SimpleNamespace
+
+    from redi_ds.ablation import harness
+
+    ab = harness.Ablation(load_ablation("ablation-tiny", "smoke"), tmp_path, "ablation-tiny", "smoke", "cmd")
+    trained, curve_by_epochs = [], {3: 0.42, 6: 0.81, 9: 0.97, 12: 0.99}
+
+    def fake_train(stage, out, settings, tags):
+        trained.append(settings.get("train.epochs", 12))
+        return SimpleNamespace(export=str(out / "sft" / "export"))
+
+    def fake_score(rec, split, bench, metric="greedy", where="", root=None):
+        part = Path(root, where)
+        part.mkdir(parents=True, exist_ok=True)
+        (part / "summary.json").write_text("{}")
+        epochs = trained[-1] if trained else {1: 3, 2: 6, 3: 9, 4: 12}[int(where[-1])]
+        return harness.Score(curve_by_epochs[epochs], {}, str(part))
+
+    monkeypatch.setattr(ab, "_train", fake_train)
+    monkeypatch.setattr(ab, "score", fake_score)
+    settings = {"train.epochs": 12}
+    export, curve = ab._train_in_parts("teacher", tmp_path / "teacher", settings, 4, "val.jsonl", target=0.8)
+    assert curve == [(3, 0.42), (6, 0.81)] and trained == [3, 6] and export.endswith("teacher/sft/export")
+    trained.clear()
+    assert ab._train_in_parts("teacher", tmp_path / "teacher", settings, 4, "val.jsonl", target=0.8)[1] == curve
+    assert trained == []  # both parts were finished: nothing retrained
+    _, full = ab._train_in_parts("base0", tmp_path / "base0", settings, 4, "val.jsonl")  # no target: every part
+    assert [e for e, _ in full] == [3, 6, 9, 12] and trained == [3, 6, 9, 12]
+
+
 def test_preregistration_names_the_commit_of_the_config(tmp_path):
     from redi_ds.ablation import report
 

@@ -4,6 +4,7 @@
     bases: 2                     # independently trained SFT bases; seeds: 3 stage-2 seeds per base
     task: {...}                  # redi_ds.ablation.task.TaskConfig (generated data); or data: {...} (paths)
     teacher: {model.tiny.num_hidden_layers: 6}   # dotted overrides of the recipe's sft stage for the teacher
+    teacher_segments: 8, teacher_target: 0.8     # its parts; the first part at 80% validation pass@1 is the teacher
     base: {train.epochs: 12}     # ... for each base; base_segments: its validation curve's points
     eval / sampled: {...}        # redi_ds.eval.EvalOptions: greedy, and sampled pass@1 (k samples)
     rules: {metric: sampled, alpha: 0.05, margin: 0.02}   # the decision rules (redi_ds.ablation.stats)
@@ -99,6 +100,8 @@ class AblationConfig:
     task: Optional[TaskConfig] = field(default_factory=TaskConfig)
     data: DataPaths = field(default_factory=DataPaths)
     teacher: dict = field(default_factory=dict)  # dotted overrides of the recipe's sft stage: a larger model
+    teacher_segments: int = 1  # the teacher trains in this many equal parts, scored on validation after each
+    teacher_target: float = 0.0  # ... and is the first part whose sampled pass@1 reaches this (0: all its epochs)
     teacher_samples: EvalOptions = field(default_factory=lambda: EvalOptions(samples=4, temperature=1.0, top_p=1.0))
     base: dict = field(default_factory=dict)  # dotted overrides of the recipe's sft stage for each base
     base_segments: int = 1  # the base trains in this many equal parts, scored on validation after each (the curve)
@@ -155,8 +158,11 @@ def _validate(cfg: AblationConfig, source: str) -> None:
     def fail(msg: str) -> None:
         raise ConfigError(f"{source}: {msg}")
 
-    if cfg.seeds < 1 or cfg.bases < 1 or cfg.base_segments < 1:
-        fail(f"bases, seeds and base_segments must be >= 1 (got {cfg.bases}, {cfg.seeds}, {cfg.base_segments})")
+    if min(cfg.seeds, cfg.bases, cfg.base_segments, cfg.teacher_segments) < 1:
+        fail(f"bases, seeds, base_segments and teacher_segments must be >= 1 (got {cfg.bases}, {cfg.seeds}, "
+             f"{cfg.base_segments}, {cfg.teacher_segments})")
+    if not 0 <= cfg.teacher_target <= 1:
+        fail(f"teacher_target = {cfg.teacher_target}; expected an accuracy in [0, 1] (0: train all its epochs)")
     if cfg.sweep_seed in range(cfg.seeds):
         fail(f"sweep_seed = {cfg.sweep_seed} is a test seed (0..{cfg.seeds - 1}); choose LRs with another seed")
     if not cfg.branches:

@@ -1,7 +1,9 @@
 """The experiment: a teacher, its graded samples, SFT bases, stage-2 branches over bases and seeds, paired scores.
 
     data      the task's gold problems (generated), or the config's paths (a paper-scale ablation)
-    teacher   a larger model trained on gold traces, sampled at temperature 1 and graded (redi_ds.ablation.traces)
+    teacher   a larger model trained on gold traces in ``teacher_segments`` parts, scored on validation after each;
+              the first part whose sampled pass@1 reaches ``teacher_target`` is the teacher (its strength, fixed
+              by a rule before the run); sampled at temperature 1 and graded (redi_ds.ablation.traces)
     bases     ``bases`` SFT models on the teacher's correct traces, each scored on validation after every
               ``base_segments`` part of its training (the plateau curve)
     student   each base's own samples on the stage-2 problems (the student-negative section and its RFT control)
@@ -152,18 +154,20 @@ class Ablation:
         if self.rank == 0 and not Path(gold["test"]).exists():
             task.write(cfg.task, data_dir)
         _barrier()
-        teacher = self.out / "teacher"
-        result = self._train("sft", teacher, {"data.path": gold["teacher"], **cfg.teacher},
-                             {"branch": "teacher", "seed": "-"})
+        export, curve = self._train_in_parts("teacher", self.out / "teacher", {"data.path": gold["teacher"],
+                                             **cfg.teacher}, cfg.teacher_segments, gold["val"], cfg.teacher_target)
+        reached = "" if not cfg.teacher_target else (
+            f" (target {100 * cfg.teacher_target:g}%{'' if curve[-1][1] >= cfg.teacher_target else ', not reached'})")
+        log0("teacher: validation sampled pass@1 by epoch " + _curve(curve) + reached)
         stats_file = data_dir / "stats.json"
         if not stats_file.exists():
             rows = {split: _read_jsonl(gold[f"{split}_problems" if split != "val" else "val"])
                     for split in ("sft", "stage2", "val")}
-            samples = {split: self.sample(result.export, r, cfg.teacher_samples) for split, r in rows.items()}
+            samples = {split: self.sample(export, r, cfg.teacher_samples) for split, r in rows.items()}
             if self.rank == 0:
                 traces.teacher_data(rows, samples, data_dir)
             _barrier()
-        self.info["teacher"] = json.loads(stats_file.read_text())
+        self.info["teacher"] = json.loads(stats_file.read_text()) | {"curve": curve, "target": cfg.teacher_target}
         t = self.info["teacher"]
         log0(f"teacher: {100 * t['stage2']['accuracy']:.1f}% of its samples right on the stage-2 problems; "
              f"{t['sft']['kept']} sft traces, {t['stage2']['pairs']} stage-2 pairs, {t['val']['pairs']} probe pairs")
@@ -195,32 +199,41 @@ class Ablation:
             raise Preempted(f"stopped early in {result.stage_dir}; rerun the same command to resume")
         return result
 
-    def train_base(self, b: int, paths: Paths) -> RunRecord:
-        """Base ``b`` (run.seed b), trained in ``base_segments`` parts of its epochs, scored on validation after
-        each part (a part is the same run resumed with more epochs, so the last part is the base)."""
+    def _train_in_parts(self, name: str, out: Path, settings: dict, parts: int, val: str, target: float = 0.0,
+                        metric: str = "sampled") -> tuple[str, list]:
+        """An SFT run trained in ``parts`` equal parts of its epochs (the same run resumed with more epochs), its
+        export scored on validation after each: ``(export, [(epochs, accuracy), ...])``. With a ``target`` it
+        stops after the first part whose accuracy reaches it (the teacher's strength rule)."""
         from redi_ds.config import load_config
 
-        out, k = self.out / f"base{b}", self.cfg.base_segments
+        epochs = load_config(self.cfg.recipe, stage="sft", settings=settings).train.epochs
+        export, curve = str(out / "sft" / "export"), []
+        for part in range(1, parts + 1):
+            at = max(1, round(epochs * part / parts))
+            seg = {"train.epochs": at} if part < parts else {}
+            if not (part < parts and Path(out, "curve", f"part{part}", "summary.json").exists()):
+                export = self._train("sft", out, settings | seg, {"branch": name, "seed": "-"}).export
+            rec = RunRecord(name, 0, 0, 0.0, export, str(out / "sft"))
+            curve.append((at, self.score(rec, "val", val, metric, where=f"curve/part{part}", root=out).accuracy))
+            if target and curve[-1][1] >= target:
+                break
+        return export, curve
+
+    def train_base(self, b: int, paths: Paths) -> RunRecord:
+        """Base ``b`` (run.seed b), trained in ``base_segments`` parts of its epochs, scored on validation after
+        each part (the plateau curve; the last part is the base)."""
         settings = {"data.path": paths.sft, "run.seed": b, **self.cfg.base}
         if paths.probe and self.cfg.probe.base_every:
             settings |= {"eval.heldout_pairs": paths.probe, "eval.heldout_every": self.cfg.probe.base_every}
-        epochs = load_config(self.cfg.recipe, stage="sft", settings=settings).train.epochs
-        curve = []
-        for part in range(1, k + 1):
-            at = max(1, round(epochs * part / k))
-            seg = {"train.epochs": at} if part < k else {}
-            done = Path(out, "curve", f"part{part}", "summary.json").exists() and part < k
-            result = None if done else self._train("sft", out, settings | seg, {"branch": f"base{b}", "seed": "-"})
-            rec = RunRecord(f"base{b}", b, 0, 0.0, str(out / "sft" / "export"), str(out / "sft"))
-            score = self.score(rec, "val", paths.val, self.primary(), where=f"curve/part{part}", root=out)
-            curve.append((at, score.accuracy))
-        rec = RunRecord(f"base{b}", b, 0, 0.0, result.export, result.stage_dir)
+        out = self.out / f"base{b}"
+        export, curve = self._train_in_parts(f"base{b}", out, settings, self.cfg.base_segments, paths.val,
+                                             metric=self.primary())
+        rec = RunRecord(f"base{b}", b, 0, 0.0, export, str(out / "sft"))
         for split, bench in (("val", paths.val), ("test", paths.test)):
             for metric in ("greedy", "sampled"):
                 rec.scores[score_key(split, metric)] = self.score(rec, split, bench, metric)
         self.info.setdefault("base_curves", {})[b] = curve
-        log0(f"base {b}: validation {self.cfg.rules.metric} accuracy by epoch "
-             + ", ".join(f"{e:g}: {100 * a:.1f}" for e, a in curve))
+        log0(f"base {b}: validation {self.cfg.rules.metric} accuracy by epoch " + _curve(curve))
         return rec
 
     def student_samples(self, bases: list[RunRecord], paths: Paths) -> dict[int, Path]:
@@ -379,6 +392,10 @@ class Ablation:
 def score_key(split: str, metric: str) -> str:
     """A RunRecord's scores key: ``test`` (greedy), ``test-sampled`` ..."""
     return split if metric == "greedy" else f"{split}-{metric}"
+
+
+def _curve(curve: list) -> str:
+    return ", ".join(f"{e:g}: {100 * a:.1f}" for e, a in curve)
 
 
 def _run_id(stage_dir: str) -> Optional[str]:

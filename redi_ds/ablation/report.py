@@ -214,6 +214,13 @@ def _data_lines(res: dict) -> list[str]:
                   f"problems, {100 * t['stage2']['accuracy']:.1f}% on the stage-2 problems; {t['sft']['kept']} sft "
                   f"traces, {t['stage2']['pairs']} stage-2 pairs, {t['val']['pairs']} held-out probe pairs "
                   f"({', '.join(f'{k}: {v}' for k, v in t.get('probe_kinds', {}).items())}).", ""]
+        if t.get("curve"):
+            target, hit = "", t["curve"][-1][1] >= t.get("target", 0)
+            if t.get("target"):
+                target = (f" (the first part at or above {100 * t['target']:g}% is the teacher)" if hit else
+                          f" (target {100 * t['target']:g}% not reached: the last part is the teacher)")
+            lines += ["- teacher: validation sampled pass@1 by epoch "
+                      + ", ".join(f"{e:g}: {100 * a:.1f}" for e, a in t["curve"]) + target]
     for b in res["bases"]:
         curve = ", ".join(f"{e:g}: {100 * a:.1f}" for e, a in b["curve"])
         lines.append(f"- base {b['base']}: validation accuracy by epoch {curve}; test greedy "
