@@ -134,7 +134,7 @@ def test_hierarchical_estimate_hand_computed():
 
 
 def _est(value, se, df=1e9):
-    return stats.Estimate(value, se, df, [value], [[value]])
+    return stats.Estimate(value, se, df, [value, value], [[value], [value]])
 
 
 def test_verdict_rules_on_a_synthetic_table():
@@ -149,6 +149,11 @@ def test_verdict_rules_on_a_synthetic_table():
     assert stats.combine(["supported", "contradicted"]) == "contradicted"
     assert stats.combine(["tie", "tie"]) == "tie" and stats.combine(["tie", "supported"]) == "inconclusive"
     assert "+5.0 points, 95% interval [+3.0, +7.0]" in _est(0.05, 0.01).words(rules)
+    # one base, one seed: 1000 problems and a 10-point gain, but the training noise is unknown, so no verdict
+    one = stats.estimate([[[0.1] * 900 + [0.0] * 100]])
+    assert one.one_run and one.se > 0 and one.verdict(rules) == "inconclusive" and "no verdict" in one.words(rules)
+    two = stats.estimate([[[0.1] * 900 + [0.0] * 100], [[0.1] * 900 + [0.0] * 100]])  # two bases that agree
+    assert not two.one_run and two.verdict(rules) == "supported"
 
 
 def test_claims_from_a_synthetic_results_table():

@@ -20,7 +20,8 @@ The rules (``Rules``; their values are in the ablation config, committed before 
     tie           the (1 - 2 alpha) interval lies inside (-margin, +margin)         (two one-sided tests)
     supported     otherwise, the (1 - alpha) two-sided interval lies above 0
     contradicted  otherwise, it lies below 0
-    inconclusive  otherwise
+    inconclusive  otherwise, and always with one base and one seed (B = S = 1: the training noise is not
+                  estimated, so the interval would be the problems' alone)
 """
 
 from __future__ import annotations
@@ -107,6 +108,11 @@ class Estimate:
     per_base: list  # mean over seeds and problems, per base
     per_seed: list  # [[value per seed] per base]
 
+    @property
+    def one_run(self) -> bool:
+        """One base and one seed: the training noise is not estimated, so no verdict can be drawn."""
+        return len(self.per_seed) == 1 and len(self.per_seed[0]) == 1
+
     def interval(self, level: float) -> tuple[float, float]:
         if self.se == 0:
             return self.value, self.value
@@ -114,6 +120,8 @@ class Estimate:
         return self.value - t * self.se, self.value + t * self.se
 
     def verdict(self, rules: Rules) -> str:
+        if self.one_run:
+            return "inconclusive"
         lo90, hi90 = self.interval(1 - 2 * rules.alpha)
         if -rules.margin < lo90 and hi90 < rules.margin:
             return "tie"
@@ -124,7 +132,9 @@ class Estimate:
         lo, hi = self.interval(1 - rules.alpha)
         seeds = sum(len(s) for s in self.per_seed)
         return (f"{pct(self.value)} points, {100 * (1 - rules.alpha):g}% interval [{pct(lo)}, {pct(hi)}] "
-                f"(SE {100 * self.se:.1f}, df {self.df:.1f}; {len(self.per_base)} base(s), {seeds} run(s))")
+                f"(SE {100 * self.se:.1f}, df {self.df:.1f}; {len(self.per_base)} base(s), {seeds} run(s))"
+                + ("; one run: the training noise is not estimated (the interval is the problems' alone), so no "
+                   "verdict" if self.one_run else ""))
 
 
 def estimate(diffs: list[list[list[float]]]) -> Estimate:
