@@ -156,9 +156,7 @@ class Ablation:
         _barrier()
         export, curve = self._train_in_parts("teacher", self.out / "teacher", {"data.path": gold["teacher"],
                                              **cfg.teacher}, cfg.teacher_segments, gold["val"], cfg.teacher_target)
-        reached = "" if not cfg.teacher_target else (
-            f" (target {100 * cfg.teacher_target:g}%{'' if curve[-1][1] >= cfg.teacher_target else ', not reached'})")
-        log0("teacher: validation sampled pass@1 by epoch " + _curve(curve) + reached)
+        log0("teacher: " + teacher_words(curve, cfg.teacher_target))
         stats_file = data_dir / "stats.json"
         if not stats_file.exists():
             rows = {split: _read_jsonl(gold[f"{split}_problems" if split != "val" else "val"])
@@ -233,7 +231,7 @@ class Ablation:
             for metric in ("greedy", "sampled"):
                 rec.scores[score_key(split, metric)] = self.score(rec, split, bench, metric)
         self.info.setdefault("base_curves", {})[b] = curve
-        log0(f"base {b}: validation {self.cfg.rules.metric} accuracy by epoch " + _curve(curve))
+        log0(f"base {b}: validation {self.cfg.rules.metric} accuracy by epoch " + curve_words(curve))
         return rec
 
     def student_samples(self, bases: list[RunRecord], paths: Paths) -> dict[int, Path]:
@@ -394,8 +392,19 @@ def score_key(split: str, metric: str) -> str:
     return split if metric == "greedy" else f"{split}-{metric}"
 
 
-def _curve(curve: list) -> str:
+def curve_words(curve: list) -> str:
+    """A validation curve, ``[(epochs, accuracy), ...]``, as ``8: 47.7, 16: 88.8``."""
     return ", ".join(f"{e:g}: {100 * a:.1f}" for e, a in curve)
+
+
+def teacher_words(curve: list, target: float) -> str:
+    """The teacher's validation curve and which part its strength rule took."""
+    words = "validation sampled pass@1 by epoch " + curve_words(curve)
+    if not target:
+        return words
+    if curve[-1][1] >= target:
+        return words + f" (the first part at or above {100 * target:g}% is the teacher)"
+    return words + f" (target {100 * target:g}% not reached: the last part is the teacher)"
 
 
 def _run_id(stage_dir: str) -> Optional[str]:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from redi_ds.ablation import stats
-from redi_ds.ablation.harness import score_key
+from redi_ds.ablation.harness import curve_words, score_key, teacher_words
 
 METRIC_WORDS = {"greedy": "greedy accuracy", "sampled": "sampled pass@1"}
 
@@ -215,15 +215,9 @@ def _data_lines(res: dict) -> list[str]:
                   f"traces, {t['stage2']['pairs']} stage-2 pairs, {t['val']['pairs']} held-out probe pairs "
                   f"({', '.join(f'{k}: {v}' for k, v in t.get('probe_kinds', {}).items())}).", ""]
         if t.get("curve"):
-            target, hit = "", t["curve"][-1][1] >= t.get("target", 0)
-            if t.get("target"):
-                target = (f" (the first part at or above {100 * t['target']:g}% is the teacher)" if hit else
-                          f" (target {100 * t['target']:g}% not reached: the last part is the teacher)")
-            lines += ["- teacher: validation sampled pass@1 by epoch "
-                      + ", ".join(f"{e:g}: {100 * a:.1f}" for e, a in t["curve"]) + target]
+            lines.append("- teacher: " + teacher_words(t["curve"], t.get("target", 0.0)))
     for b in res["bases"]:
-        curve = ", ".join(f"{e:g}: {100 * a:.1f}" for e, a in b["curve"])
-        lines.append(f"- base {b['base']}: validation accuracy by epoch {curve}; test greedy "
+        lines.append(f"- base {b['base']}: validation accuracy by epoch {curve_words(b['curve'])}; test greedy "
                      f"{100 * b['test']:.1f}%, sampled {100 * b['test-sampled']:.1f}%")
     for b, s in (res.get("student") or {}).items():
         lines.append(f"- base {b}'s own samples on the stage-2 problems: {100 * s['accuracy']:.1f}% right; "
