@@ -215,6 +215,22 @@ def _summary(model: Any, backend_name: str, opts: EvalOptions, problems: dict, r
     return summary
 
 
+def _generate(gen: Any, opts: EvalOptions, problems: list, progress: bool, desc: str) -> tuple[list, float]:
+    """``opts.samples`` completions of each problem from a built generator, which is closed after:
+    ``(completions, generation seconds)``."""
+    prompts = [build_prompt(gen.tokenizer, p, system_prompt=opts.system_prompt, user_template=opts.user_template,
+                            force_think=opts.force_think) for p in problems]
+    t_gen = time.time()
+    bar = _progress_bar(len(problems), enabled=progress, desc=desc)
+    try:
+        completions = gen.generate(prompts, n=int(opts.samples), temperature=opts.temperature, top_p=opts.top_p,
+                                   max_new_tokens=int(opts.max_new_tokens), progress=bar.update) if problems else []
+    finally:
+        bar.close()
+        gen.close()
+    return completions, time.time() - t_gen
+
+
 def run_eval(
     model: Any,
     benchmarks: Union[str, Sequence[str]],
@@ -245,46 +261,35 @@ def run_eval(
     if not isinstance(opts, EvalOptions):
         raise EvalError(f"options must be an EvalOptions, got {type(opts).__name__}")
     opts.check()
-    samples, max_new_tokens, limit = int(opts.samples), int(opts.max_new_tokens), int(opts.limit)
-    temperature, top_p, seed = opts.temperature, opts.top_p, opts.seed
-    system_prompt, user_template, force_think = opts.system_prompt, opts.user_template, opts.force_think
-    chat_template, tokenizer, backend, dtype = opts.chat_template, opts.tokenizer, opts.backend, opts.dtype
     names = resolve_benchmarks(benchmarks)
-    problems = _load_problems(names, limit)
+    problems = _load_problems(names, int(opts.limit))
     from redi_ds.eval.backends import build_generator, check_model_path
 
     check_model_path(model)
     r, world = _check_ranks(rank, world_size)
     out, created = _output_folder(out_dir, model, world)
     signature = _run_signature(model, {
-        "benchmarks": names, "samples": samples, "temperature": temperature, "top_p": top_p,
-        "max_new_tokens": max_new_tokens, "limit": limit, "seed": seed, "system_prompt": system_prompt,
-        "user_template": user_template, "force_think": force_think, "chat_template": chat_template,
-        "tokenizer": tokenizer, "backend": backend, "dtype": dtype, "world_size": world,
+        "benchmarks": names, "samples": int(opts.samples), "temperature": opts.temperature, "top_p": opts.top_p,
+        "max_new_tokens": int(opts.max_new_tokens), "limit": int(opts.limit), "seed": opts.seed,
+        "system_prompt": opts.system_prompt, "user_template": opts.user_template, "force_think": opts.force_think,
+        "chat_template": opts.chat_template, "tokenizer": opts.tokenizer, "backend": opts.backend,
+        "dtype": opts.dtype, "world_size": world,
     }) if world > 1 else ""
 
     # -- generate this rank's share
     items = [(b, row) for b, rows in problems.items() for row in rows]
     mine = items[r::world]
     try:
-        gen = build_generator(backend, model, tokenizer=tokenizer, chat_template=chat_template, dtype=dtype,
-                              seed=seed + r, batch_size=opts.batch_size, **(opts.backend_options or {}))
+        gen = build_generator(opts.backend, model, tokenizer=opts.tokenizer, chat_template=opts.chat_template,
+                              dtype=opts.dtype, seed=opts.seed + r, batch_size=opts.batch_size,
+                              **(opts.backend_options or {}))
     except BaseException:
         if created and not any(out.iterdir()):
             out.rmdir()  # a model that cannot load leaves no empty output folder behind
         raise
     backend_name = gen.name
-    prompts = [build_prompt(gen.tokenizer, row["problem"], system_prompt=system_prompt,
-                            user_template=user_template, force_think=force_think) for _, row in mine]
-    t_gen = time.time()
-    bar = _progress_bar(len(mine), enabled=progress and r == 0, desc=f"eval {','.join(problems)}")
-    try:
-        completions = gen.generate(prompts, n=samples, temperature=temperature, top_p=top_p,
-                                   max_new_tokens=max_new_tokens, progress=bar.update) if mine else []
-    finally:
-        bar.close()
-        gen.close()
-    gen_seconds = time.time() - t_gen
+    completions, gen_seconds = _generate(gen, opts, [row["problem"] for _, row in mine],
+                                         progress=progress and r == 0, desc=f"eval {','.join(problems)}")
 
     # -- grade
     stats_before = dict(STATS)
